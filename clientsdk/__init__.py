@@ -1,0 +1,1 @@
+"""SecureChat client SDK: all encryption happens here."""

@@ -1,0 +1,1 @@
+"""End-to-end cryptography core (sans-I/O): PQXDH, Double Ratchet, Sender Keys, groups."""

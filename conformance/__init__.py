@@ -1,0 +1,1 @@
+"""Protocol specification, test vectors and a black-box homeserver checker."""

@@ -1,0 +1,4 @@
+"""SecureChat protocol layer: codec, signatures, key objects, addresses, frames, transports.
+
+Imports nothing from ``homeserver`` or ``clientsdk``.
+"""

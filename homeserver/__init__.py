@@ -1,0 +1,1 @@
+"""SecureChat homeserver: accounts, devices, keys, ciphertext mailboxes."""
