@@ -1,0 +1,280 @@
+"""Pluggable frame transports (DESIGN §6): one small interface, several implementations.
+
+A ``Transport`` is a bidirectional stream of whole frames (bytes).  Implementations:
+
+* memory   — ``MemoryNetwork``: in-process listeners and connections (many servers
+             and clients in one test), with the same close semantics as WebSocket;
+* websocket — trio-websocket client (``connect_websocket``) and server
+             (``serve_websocket_transport``): the hot path.
+
+Errors follow trio's split: ``TransportClosed`` means the *peer* (or network)
+closed the stream and carries the close code; using a transport after *we* closed
+it raises ``trio.ClosedResourceError``.  One contract test runs against every
+implementation (``tests/federation/test_transport.py``).
+"""
+
+from __future__ import annotations
+
+import ssl
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+import trio_websocket
+
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_PROTOCOL_ERROR = 1002
+CLOSE_POLICY = 1008
+CLOSE_TOO_BIG = 1009
+CLOSE_INTERNAL = 1011
+CLOSE_TRY_AGAIN = 1013
+
+DEFAULT_MAX_FRAME = 1 << 20
+
+
+class TransportClosed(Exception):
+    """The peer or the network closed the transport."""
+
+    def __init__(self, code: int | None, reason: str | None = None) -> None:
+        super().__init__(f"transport closed (code {code}{': ' + reason if reason else ''})")
+        self.code = code
+        self.reason = reason
+
+
+class Transport(ABC):
+    """A bidirectional stream of frames between two parties."""
+
+    remote: str = "unknown"          # peer network address, for per-source limits and logs
+
+    @abstractmethod
+    async def send(self, frame: bytes) -> None: ...
+
+    @abstractmethod
+    async def receive(self) -> bytes: ...
+
+    @abstractmethod
+    async def aclose(self, code: int = CLOSE_NORMAL, reason: str = "") -> None: ...
+
+    @property
+    @abstractmethod
+    def close_code(self) -> int | None:
+        """The close code once closed by either side, else None."""
+
+    async def __aenter__(self) -> Transport:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+ConnectionHandler = Callable[[Transport], Awaitable[None]]
+
+
+# --- memory ---------------------------------------------------------------------------
+
+
+class MemoryTransport(Transport):
+    """One end of an in-process pair.  Frames over ``max_frame`` close the pair with 1009."""
+
+    def __init__(self, outgoing: trio.MemorySendChannel[bytes], incoming: trio.MemoryReceiveChannel[bytes],
+                 shared: dict[str, Any], remote: str, max_frame: int) -> None:
+        self._out = outgoing
+        self._in = incoming
+        self._shared = shared            # close state shared by both ends
+        self._closed_locally = False
+        self.remote = remote
+        self.max_frame = max_frame
+
+    @property
+    def close_code(self) -> int | None:
+        code: int | None = self._shared.get("code")
+        return code
+
+    def _close_both(self, code: int, reason: str) -> None:
+        self._shared.setdefault("code", code)
+        self._shared.setdefault("reason", reason)
+        # Close only our own ends: the peer still reads what we sent before closing
+        # (as with a WebSocket close frame), then sees TransportClosed.
+        self._out.close()
+        self._in.close()
+
+    def _raise_closed(self) -> None:
+        if self._closed_locally:
+            raise trio.ClosedResourceError("transport was closed by us")
+        raise TransportClosed(self._shared.get("code"), self._shared.get("reason"))
+
+    async def send(self, frame: bytes) -> None:
+        if self._closed_locally:
+            raise trio.ClosedResourceError("transport was closed by us")
+        if "code" in self._shared:
+            self._raise_closed()
+        if len(frame) > self.max_frame:
+            self._close_both(CLOSE_TOO_BIG, "frame too large")
+            self._raise_closed()
+        try:
+            await self._out.send(bytes(frame))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._raise_closed()
+
+    async def receive(self) -> bytes:
+        if self._closed_locally:
+            raise trio.ClosedResourceError("transport was closed by us")
+        try:
+            return await self._in.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError, trio.BrokenResourceError):
+            self._raise_closed()
+            raise  # unreachable: _raise_closed always raises
+
+    async def aclose(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
+        if self._closed_locally:
+            return
+        self._close_both(code, reason)
+        self._closed_locally = True
+        await trio.lowlevel.checkpoint()
+
+
+def memory_transport_pair(max_frame: int = DEFAULT_MAX_FRAME, buffer: int = 64,
+                          names: tuple[str, str] = ("memory:a", "memory:b")) -> tuple[MemoryTransport, MemoryTransport]:
+    """Two connected in-process transports; ``names`` are what each side sees as ``remote``."""
+    a_send, b_recv = trio.open_memory_channel[bytes](buffer)
+    b_send, a_recv = trio.open_memory_channel[bytes](buffer)
+    shared: dict[str, Any] = {}
+    return (MemoryTransport(a_send, a_recv, shared, names[1], max_frame),
+            MemoryTransport(b_send, b_recv, shared, names[0], max_frame))
+
+
+class MemoryNetwork:
+    """A registry of in-process listeners: ``listen(name, handler)`` then ``connect(name)``."""
+
+    def __init__(self) -> None:
+        self._listeners: dict[str, tuple[trio.Nursery, ConnectionHandler, int]] = {}
+        self._counter = 0
+
+    async def serve(self, name: str, handler: ConnectionHandler, *, max_frame: int = DEFAULT_MAX_FRAME,
+                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen on ``name`` until cancelled; each connection's handler runs in this task's nursery."""
+        async with trio.open_nursery() as nursery:
+            self._listeners[name] = (nursery, handler, max_frame)
+            try:
+                task_status.started()
+                await trio.sleep_forever()
+            finally:
+                self._listeners.pop(name, None)
+
+    async def connect(self, name: str, source: str | None = None) -> MemoryTransport:
+        entry = self._listeners.get(name)
+        if entry is None:
+            raise TransportClosed(None, f"no memory listener named {name!r}")
+        nursery, handler, max_frame = entry
+        self._counter += 1
+        client_name = source or f"memory-client-{self._counter}"
+        client, server = memory_transport_pair(max_frame, names=(client_name, f"memory:{name}"))
+        nursery.start_soon(_run_handler, handler, server)
+        await trio.lowlevel.checkpoint()
+        return client
+
+
+async def _run_handler(handler: ConnectionHandler, transport: Transport) -> None:
+    try:
+        await handler(transport)
+    finally:
+        await transport.aclose(CLOSE_NORMAL)
+
+
+# --- WebSocket ------------------------------------------------------------------------
+
+
+class WebSocketTransport(Transport):
+    """A trio-websocket connection carrying one binary message per frame."""
+
+    def __init__(self, ws: trio_websocket.WebSocketConnection, owner: trio.Nursery | None = None) -> None:
+        self._ws = ws
+        self._closed_locally = False
+        remote = ws.remote
+        self.remote = str(getattr(remote, "address", remote))
+        self._owner = owner
+
+    @property
+    def close_code(self) -> int | None:
+        reason = self._ws.closed
+        return None if reason is None else int(reason.code)
+
+    def _peer_closed(self, exc: trio_websocket.ConnectionClosed) -> TransportClosed:
+        reason = exc.reason
+        return TransportClosed(None if reason is None else int(reason.code),
+                               None if reason is None else reason.reason)
+
+    async def send(self, frame: bytes) -> None:
+        if self._closed_locally:
+            raise trio.ClosedResourceError("transport was closed by us")
+        try:
+            await self._ws.send_message(bytes(frame))
+        except trio_websocket.ConnectionClosed as exc:
+            raise self._peer_closed(exc) from None
+
+    async def receive(self) -> bytes:
+        if self._closed_locally:
+            raise trio.ClosedResourceError("transport was closed by us")
+        try:
+            message = await self._ws.get_message()
+        except trio_websocket.ConnectionClosed as exc:
+            raise self._peer_closed(exc) from None
+        if isinstance(message, str):
+            await self._ws.aclose(CLOSE_PROTOCOL_ERROR, "binary frames only")
+            raise TransportClosed(CLOSE_PROTOCOL_ERROR, "text frame received")
+        return message
+
+    async def aclose(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
+        if self._closed_locally:
+            return
+        self._closed_locally = True
+        with trio.move_on_after(5) as scope:
+            scope.shield = True
+            await self._ws.aclose(code, reason or None)
+            # trio-websocket 0.12 leaves the TCP stream open after it closes a
+            # connection for an oversized message (1009): close it ourselves, or a
+            # peer sending big frames would exhaust our file descriptors.
+            stream = getattr(self._ws, "_stream", None)
+            if stream is not None:
+                await stream.aclose()
+
+
+async def connect_websocket(nursery: trio.Nursery, url: str, *, max_frame: int = DEFAULT_MAX_FRAME,
+                            ssl_context: ssl.SSLContext | None = None) -> WebSocketTransport:
+    """Open a client transport to ``ws://`` or ``wss://`` ``url``; its reader task lives in ``nursery``."""
+    try:
+        ws = await trio_websocket.connect_websocket_url(nursery, url, ssl_context, max_message_size=max_frame,
+                                                        message_queue_size=16)
+    except (OSError, trio_websocket.HandshakeError) as exc:
+        raise TransportClosed(None, f"cannot connect: {type(exc).__name__}") from None
+    return WebSocketTransport(ws, nursery)
+
+
+async def serve_websocket_transport(handlers: dict[str, ConnectionHandler], host: str, port: int, *,
+                                    max_frame: int = DEFAULT_MAX_FRAME,
+                                    ssl_context: ssl.SSLContext | None = None,
+                                    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve WebSocket connections, routing by request path (e.g. ``{"/c2s": handle}``).
+
+    ``task_status.started`` reports the bound port (useful with ``port=0``).
+    """
+
+    async def on_request(request: trio_websocket.WebSocketRequest) -> None:
+        handler = handlers.get(request.path)
+        if handler is None:
+            await request.reject(404, body=b"unknown path")
+            return
+        ws = await request.accept()
+        transport = WebSocketTransport(ws)
+        try:
+            await handler(transport)
+        finally:
+            await transport.aclose(CLOSE_NORMAL)
+
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(lambda task_status: trio_websocket.serve_websocket(
+            on_request, host, port, ssl_context, max_message_size=max_frame, message_queue_size=16,
+            connect_timeout=10, disconnect_timeout=5, task_status=task_status))
+        task_status.started(server.port)
