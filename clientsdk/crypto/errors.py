@@ -8,11 +8,13 @@ no detail: the precise reason goes to local debug logs only (cryptography's
     CryptoError
     ├── InvalidKey            wrong length, small-order or otherwise unusable public key
     ├── MalformedMessage      bytes that do not parse as the expected message/state
+    │   └── UnknownPrekey     an initial message naming a prekey this device does not hold
     ├── DecryptionFailed      authentication failed; state untouched
     ├── ReplayedMessage       a message (or initial message) seen before
-    ├── TooManySkipped        a gap larger than MAX_SKIP, or the skipped-key store is full
+    ├── TooManySkipped        a gap larger than MAX_SKIP (a full skipped-key store evicts the oldest)
     ├── UnsupportedVersion    a serialised state/backup with an unknown version
     ├── BackupInvalid         wrong recovery key / passphrase, or tampered backup
+    ├── RecoveryKeyMistyped   a typed recovery key that fails its checksum
     ├── AttachmentInvalid     truncated, reordered, spliced or tampered attachment
     └── GroupStateError       a group change that does not apply (bad signature, not admin,
                               wrong base epoch, stale epoch)
@@ -61,3 +63,15 @@ class AttachmentInvalid(CryptoError):
 
 class GroupStateError(CryptoError):
     code = "group_state_invalid"
+
+
+class UnknownPrekey(MalformedMessage):
+    """An initial message names a prekey id this device does not (or no longer) hold."""
+
+    code = "unknown_prekey"
+
+
+class RecoveryKeyMistyped(CryptoError):
+    """A typed recovery key fails its format or checksum: caught before any decryption."""
+
+    code = "recovery_key_mistyped"
