@@ -1,0 +1,200 @@
+"""One client connection: read frames, dispatch ops, write responses and pushes.
+
+Every request gets exactly one response.  Bad input gets an error frame (or, for
+bytes that cannot even be framed, a clean close) and never disturbs other
+connections.  Outgoing frames go through one writer task, so responses and
+pushes never interleave mid-frame and a slow reader only slows itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from federation import codec
+from federation.errors import ErrorCode, ProtocolError, RequestRejected, SecureChatError
+from federation.frames import Push, Request, Response, encode_frame, parse_request, request_id_of
+from federation.transport import CLOSE_POLICY, CLOSE_PROTOCOL_ERROR, Transport, TransportClosed
+
+log = logging.getLogger("securechat.connection")
+
+OpHandler = Callable[["Session", dict[str, Any]], Awaitable[dict[str, Any]]]
+MAX_BAD_FRAMES = 20           # a peer that keeps sending garbage is disconnected
+OUTBOX_SIZE = 1024
+
+
+class Unauthenticated(RequestRejected):
+    code = ErrorCode.UNAUTHORIZED
+
+
+@dataclass(eq=False)
+class Session:
+    """State of one connection; handlers receive it with every request."""
+
+    transport: Transport
+    remote: str
+    outbox: trio.MemorySendChannel[bytes]
+    user: str | None = None
+    device_id: str | None = None
+    pending: bool = False                  # a device created by login, not yet in a list
+    closing: bool = False
+    nursery: trio.Nursery | None = None    # connection-scoped tasks (delivery) run here
+    close_code: tuple[int, str] | None = None
+    attributes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> str:
+        if self.user is None or self.device_id is None:
+            raise Unauthenticated("authenticate first (challenge, then auth)")
+        return f"{self.user}/{self.device_id}"
+
+    @property
+    def authenticated(self) -> bool:
+        return self.device_id is not None
+
+    def require_auth(self) -> str:
+        return self.device
+
+    def push_nowait(self, push: Push) -> bool:
+        """Queue a push if there is room; False if the connection is gone or saturated."""
+        if self.closing:
+            return False
+        try:
+            self.outbox.send_nowait(encode_frame(push))
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            return False
+        return True
+
+    async def push(self, push: Push) -> None:
+        """Queue a push, waiting for room (back-pressure from a slow reader)."""
+        if self.closing:
+            raise trio.ClosedResourceError("session closing")
+        await self.outbox.send(encode_frame(push))
+
+    async def close(self, code: int, reason: str = "") -> None:
+        """Close at once (revoked, replaced, protocol violation)."""
+        self.closing = True
+        await self.transport.aclose(code, reason)
+
+    def close_after_flush(self, code: int, reason: str = "") -> None:
+        """Close once every queued frame is written (graceful shutdown)."""
+        self.close_code = (code, reason)
+        self.closing = True
+        self.outbox.close()
+
+
+class Dispatcher:
+    """Maps op names to handlers; ops flagged ``public`` work before authentication.
+
+    Counts requests in progress so a graceful shutdown can wait for them.
+    """
+
+    def __init__(self) -> None:
+        self._ops: dict[str, tuple[OpHandler, bool]] = {}
+        self.in_flight = 0
+        self._idle = trio.Event()
+        self._idle.set()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+    def add(self, op: str, handler: OpHandler, *, public: bool = False) -> None:
+        if op in self._ops:
+            raise ValueError(f"op {op} registered twice")
+        self._ops[op] = (handler, public)
+
+    async def dispatch(self, session: Session, request: Request) -> Response:
+        entry = self._ops.get(request.op)
+        try:
+            if entry is None:
+                raise ProtocolError(f"unknown op {request.op[:64]!r}", code=ErrorCode.UNKNOWN_OP)
+            handler, public = entry
+            if not public:
+                session.require_auth()
+            self.in_flight += 1
+            self._idle = trio.Event() if self.in_flight == 1 else self._idle
+            try:
+                return Response(request.id, ok=await handler(session, request.params))
+            finally:
+                self.in_flight -= 1
+                if self.in_flight == 0:
+                    self._idle.set()
+        except SecureChatError as exc:
+            return Response.failure(request.id, exc)
+
+
+async def serve_connection(transport: Transport, dispatcher: Dispatcher,
+                           on_open: Callable[[Session], None],
+                           on_close: Callable[[Session], Awaitable[None]],
+                           limits: codec.Limits) -> None:
+    """Run one connection until the peer leaves or the server closes it."""
+    send_channel, receive_channel = trio.open_memory_channel[bytes](OUTBOX_SIZE)
+    session = Session(transport, transport.remote, send_channel)
+    on_open(session)
+    try:
+        async with trio.open_nursery() as nursery:
+            session.nursery = nursery
+            nursery.start_soon(_writer, session, receive_channel, nursery.cancel_scope)
+            await _reader(session, dispatcher, limits)
+            nursery.cancel_scope.cancel()
+    finally:
+        session.closing = True
+        with trio.CancelScope(shield=True):
+            await on_close(session)
+            await transport.aclose(*(session.close_code or (1000, "")))
+
+
+async def _writer(session: Session, outbox: trio.MemoryReceiveChannel[bytes],
+                  done: trio.CancelScope) -> None:
+    try:
+        async for frame in outbox:
+            await session.transport.send(frame)
+        if session.close_code is not None:
+            await session.transport.aclose(*session.close_code)
+    except (TransportClosed, trio.ClosedResourceError, trio.BrokenResourceError):
+        pass
+    done.cancel()
+
+
+async def _reader(session: Session, dispatcher: Dispatcher, limits: codec.Limits) -> None:
+    """Requests of one connection are handled one after another, in arrival order.
+
+    That keeps a sender's messages in order end to end; throughput comes from many
+    connections sharing each group commit, not from reordering one connection.
+    """
+    bad_frames = 0
+    while True:
+        try:
+            data = await session.transport.receive()
+        except (TransportClosed, trio.ClosedResourceError, trio.BrokenResourceError):
+            return
+        try:
+            request = parse_request(codec.decode(data, limits))
+        except ProtocolError as exc:
+            bad_frames += 1
+            rid = request_id_of(data)
+            log.info("bad frame from %s: %s", session.remote, exc.message)
+            if rid is None or bad_frames > MAX_BAD_FRAMES:
+                # Nothing to correlate an error with: close cleanly with a reason.
+                await session.close(CLOSE_PROTOCOL_ERROR if bad_frames <= MAX_BAD_FRAMES else CLOSE_POLICY,
+                                    exc.message[:100])
+                return
+            await _respond(session, Response.failure(rid, exc))
+            continue
+        try:
+            response = await dispatcher.dispatch(session, request)
+        except Exception:  # our bug: log it (no payloads), answer 'internal', keep serving
+            log.exception("handler for op %s failed", request.op)
+            response = Response.failure(request.id, SecureChatError("internal error"))
+        await _respond(session, response)
+
+
+async def _respond(session: Session, response: Response) -> None:
+    try:
+        await session.outbox.send(encode_frame(response))
+    except (trio.ClosedResourceError, trio.BrokenResourceError):
+        pass

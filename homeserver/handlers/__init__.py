@@ -1,0 +1,1 @@
+"""Request handlers, one module per feature; each receives its repositories through its constructor."""

@@ -1,0 +1,245 @@
+"""Mailboxes: ``send`` with exact device coverage, durable fan-out, ordered delivery, acks.
+
+``send`` (DESIGN §5, normative): ``{message_id, payloads: [{devices, ciphertext}],
+ephemeral}``.  For every recipient user the devices of the whole operation must be
+exactly that user's current devices (for the sender's own user: all its other
+devices, even when the operation names none of them; its pending devices may be
+included), else ``stale_devices`` with
+``{user: {missing, extra, revoked}}`` and nothing is stored.  A message is
+acknowledged only after its group commit; one ciphertext is stored once for all
+its devices.  Delivery pushes each device's entries in ``seq`` order, straight from
+memory when the device is connected, from storage after a reconnect; an entry is
+deleted only when the device acks it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import logging
+from collections import defaultdict
+from typing import Any
+
+import trio
+
+from federation import codec
+from federation.addresses import DeviceAddress
+from federation.errors import ErrorCode, ProtocolError, RequestRejected
+from federation.frames import Push, PushKind
+from federation.validate import field, require_map
+from homeserver.clock import Clock
+from homeserver.config import Config
+from homeserver.connection import Session
+from homeserver.handlers.directory import DeviceDirectory
+from homeserver.ratelimit import RateLimiter
+from homeserver.storage.models import DeviceState, MailboxEntry, MailboxStore
+
+log = logging.getLogger("securechat.mailbox")
+MAX_MESSAGE_ID = 128
+MAX_ACK_BATCH = 1_000
+BACKLOG_PAGE = 500
+MAX_BUFFERED = 10_000          # live entries held for one slow device before falling back to storage
+
+
+class StaleDevices(RequestRejected):
+    code = ErrorCode.STALE_DEVICES
+
+
+class ShuttingDown(RequestRejected):
+    code = ErrorCode.SHUTTING_DOWN
+
+
+def envelope_push(entry: MailboxEntry) -> Push:
+    return Push(PushKind.ENVELOPE, {"seq": entry.seq, "sender": entry.sender, "message_id": entry.message_id,
+                                    "ts_ms": entry.ts_ms, "ciphertext": entry.ciphertext})
+
+
+class DeviceDelivery:
+    """Pushes one connected device's mailbox in ``seq`` order, exactly once per connection.
+
+    The device is attached (live entries start arriving in ``offer``) *before* the
+    backlog is read, so nothing committed in between is missed; entries seen both
+    ways are skipped by ``seq``.
+    """
+
+    def __init__(self, device: str, session: Session, mailboxes: MailboxStore) -> None:
+        self.device = device
+        self.session = session
+        self.mailboxes = mailboxes
+        self.last_pushed = 0
+        self._heap: list[tuple[int, MailboxEntry]] = []
+        self._wake = trio.Event()
+        self._resync = True
+
+    def offer(self, entry: MailboxEntry) -> None:
+        if len(self._heap) >= MAX_BUFFERED:
+            self._heap.clear()
+            self._resync = True               # too far behind: read the rest from storage
+        else:
+            heapq.heappush(self._heap, (entry.seq, entry))
+        self._wake.set()
+
+    async def run(self) -> None:
+        try:
+            await self._run()
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            return                             # the connection is closing; the rest stays stored
+
+    async def _run(self) -> None:
+        while True:
+            if self._resync:
+                self._resync = False
+                await self._drain_storage()
+            while self._heap:
+                seq, entry = heapq.heappop(self._heap)
+                if seq > self.last_pushed:
+                    await self.session.push(envelope_push(entry))
+                    self.last_pushed = seq
+            if not self._heap and not self._resync:
+                self._wake = trio.Event()
+                await self._wake.wait()
+
+    async def _drain_storage(self) -> None:
+        while True:
+            page = await self.mailboxes.pending(self.device, self.last_pushed, BACKLOG_PAGE)
+            for entry in page:
+                await self.session.push(envelope_push(entry))
+                self.last_pushed = entry.seq
+            if len(page) < BACKLOG_PAGE:
+                return
+
+
+class MailboxHandler:
+    def __init__(self, config: Config, mailboxes: MailboxStore, directory: DeviceDirectory,
+                 limiter: RateLimiter, clock: Clock) -> None:
+        self.config = config
+        self.mailboxes = mailboxes
+        self.directory = directory
+        self.limiter = limiter
+        self.clock = clock
+        self.draining = False
+        self._deliveries: dict[str, DeviceDelivery] = {}
+
+    # -- connection lifecycle -----------------------------------------------------------
+    def start_delivery(self, session: Session) -> None:
+        delivery = DeviceDelivery(session.device, session, self.mailboxes)
+        self._deliveries[session.device] = delivery
+        if session.nursery is not None:
+            session.nursery.start_soon(delivery.run)
+
+    def stop_delivery(self, session: Session) -> None:
+        if session.authenticated:
+            delivery = self._deliveries.get(session.device)
+            if delivery is not None and delivery.session is session:
+                del self._deliveries[session.device]
+
+    def _notify(self, entries: tuple[MailboxEntry, ...]) -> None:
+        for entry in entries:
+            delivery = self._deliveries.get(entry.device)
+            if delivery is not None:
+                delivery.offer(entry)
+
+    # -- send ---------------------------------------------------------------------------
+    def _parse_payloads(self, params: dict[str, Any]) -> list[tuple[list[str], bytes]]:
+        raw = field(params, "payloads", list)
+        if not raw:
+            raise ProtocolError("payloads must not be empty")
+        payloads: list[tuple[list[str], bytes]] = []
+        seen: set[str] = set()
+        total_devices = 0
+        for item in raw:
+            item = require_map(item, "payload")
+            devices = field(item, "devices", list)
+            ciphertext = field(item, "ciphertext", bytes)
+            if not devices:
+                raise ProtocolError("a payload must name at least one device")
+            total_devices += len(devices)
+            if total_devices > self.config.limits.max_payloads_per_send:
+                raise RequestRejected("too many recipient devices", code=ErrorCode.TOO_LARGE)
+            addresses = []
+            for text in devices:
+                if not isinstance(text, str):
+                    raise ProtocolError("device addresses must be strings")
+                address = str(DeviceAddress.parse(text))
+                if address in seen:
+                    raise ProtocolError("a device appears twice in one send")
+                seen.add(address)
+                addresses.append(address)
+            payloads.append((addresses, ciphertext))
+        return payloads
+
+    async def _check_coverage(self, session: Session, payloads: list[tuple[list[str], bytes]]) -> None:
+        by_user: dict[str, set[str]] = defaultdict(set)
+        for devices, _ in payloads:
+            for text in devices:
+                address = DeviceAddress.parse(text)
+                if address.domain != self.config.domain:
+                    raise RequestRejected(f"{address.domain} is not served here (federation is not enabled)",
+                                          code=ErrorCode.UNKNOWN_DOMAIN)
+                by_user[str(address.user)].add(address.device_id)
+        # The sender's own user is always a recipient: every send also reaches
+        # the sender's other devices, so they stay in sync (DESIGN §4 multi-device).
+        by_user.setdefault(session.user or "", set())
+        if session.pending and set(by_user) != {session.user}:
+            raise RequestRejected("a pending device may only send to its own user's devices",
+                                  code=ErrorCode.FORBIDDEN)
+        stale: dict[str, dict[str, list[str]]] = {}
+        for user, given in by_user.items():
+            devices = await self.directory.devices_of(user)
+            if not devices:
+                raise RequestRejected(f"no such user {user}", code=ErrorCode.NOT_FOUND)
+            own = user == session.user
+            required = {i for i, d in devices.items() if d.state is DeviceState.ACTIVE}
+            allowed = set(required)
+            if own:
+                required.discard(session.device_id or "")
+                allowed = required | {i for i, d in devices.items() if d.state is DeviceState.PENDING}
+            missing = sorted(required - given)
+            revoked = sorted(i for i in given if i in devices and devices[i].state is DeviceState.REVOKED)
+            extra = sorted(given - allowed - set(revoked))
+            if missing or extra or revoked:
+                stale[user] = {"missing": missing, "extra": extra, "revoked": revoked}
+        if stale:
+            raise StaleDevices("the send does not cover exactly the recipients' current devices",
+                               details=stale)
+
+    async def send(self, session: Session, params: dict[str, Any]) -> dict[str, Any]:
+        if self.draining:
+            raise ShuttingDown("server is shutting down; retry on reconnect")
+        message_id = field(params, "message_id", str, max_length=MAX_MESSAGE_ID)
+        if not message_id:
+            raise ProtocolError("message_id must not be empty")
+        ephemeral = field(params, "ephemeral", bool, default=False)
+        payloads = self._parse_payloads(params)
+        limits = self.config.limits
+        self.limiter.take("message", session.device, limits.messages_per_device)
+        self.limiter.take("message-user", session.user or "", limits.messages_per_user)
+        self.limiter.take("message-address", session.remote, limits.messages_per_address)
+        await self._check_coverage(session, payloads)
+        now = self.clock()
+        if ephemeral:
+            delivered = 0
+            for devices, ciphertext in payloads:
+                push = Push(PushKind.ENVELOPE, {"seq": 0, "sender": session.device, "message_id": message_id,
+                                                "ts_ms": now, "ciphertext": ciphertext, "ephemeral": True})
+                for device in devices:
+                    target = self.directory.session_of(device)
+                    if target is not None and target.push_nowait(push):
+                        delivered += 1
+            return {"message_id": message_id, "delivered": delivered}
+        digest = hashlib.sha256(codec.encode([[sorted(d), c] for d, c in payloads])).digest()
+        result = await self.mailboxes.deliver(session.device, message_id, digest, payloads, now,
+                                              self.config.mailbox_ttl_ms)
+        if result.status == "conflict":
+            raise RequestRejected("message_id was already used with different content", code=ErrorCode.CONFLICT)
+        self._notify(result.entries)
+        return {"message_id": message_id, "duplicate": result.status == "duplicate"}
+
+    async def ack(self, session: Session, params: dict[str, Any]) -> dict[str, Any]:
+        seqs = field(params, "seqs", list)
+        if len(seqs) > MAX_ACK_BATCH:
+            raise RequestRejected(f"at most {MAX_ACK_BATCH} seqs per ack", code=ErrorCode.TOO_LARGE)
+        if not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in seqs):
+            raise ProtocolError("seqs must be positive integers")
+        removed = await self.mailboxes.ack(session.device, seqs)
+        return {"removed": removed}
