@@ -22,8 +22,21 @@ from federation.transport import CLOSE_POLICY, CLOSE_PROTOCOL_ERROR, Transport, 
 
 log = logging.getLogger("securechat.connection")
 
-OpHandler = Callable[["Session", dict[str, Any]], Awaitable[dict[str, Any]]]
+@dataclass(frozen=True, slots=True)
+class Deferred:
+    """A handler's answer that completes later.
+
+    The handler did its ordered part (e.g. queued its write) before returning;
+    ``finish`` awaits the rest (the commit) while the connection reads the next
+    request.  This pipelines one connection's sends without reordering them.
+    """
+
+    finish: Callable[[], Awaitable[dict[str, Any]]]
+
+
+OpHandler = Callable[["Session", dict[str, Any]], Awaitable["dict[str, Any] | Deferred"]]
 MAX_BAD_FRAMES = 20           # a peer that keeps sending garbage is disconnected
+MAX_DEFERRED = 64             # requests of one connection awaiting their commit at once
 OUTBOX_SIZE = 1024
 
 
@@ -107,7 +120,18 @@ class Dispatcher:
             raise ValueError(f"op {op} registered twice")
         self._ops[op] = (handler, public)
 
-    async def dispatch(self, session: Session, request: Request) -> Response:
+    def _begin(self) -> None:
+        self.in_flight += 1
+        if self.in_flight == 1:
+            self._idle = trio.Event()
+
+    def _end(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    async def dispatch(self, session: Session, request: Request) -> Response | Deferred:
+        """Run the handler's ordered part; a ``Deferred`` still counts as in flight until finished."""
         entry = self._ops.get(request.op)
         try:
             if entry is None:
@@ -115,16 +139,24 @@ class Dispatcher:
             handler, public = entry
             if not public:
                 session.require_auth()
-            self.in_flight += 1
-            self._idle = trio.Event() if self.in_flight == 1 else self._idle
+            self._begin()
             try:
-                return Response(request.id, ok=await handler(session, request.params))
-            finally:
-                self.in_flight -= 1
-                if self.in_flight == 0:
-                    self._idle.set()
+                answer = await handler(session, request.params)
+            except BaseException:
+                self._end()
+                raise
+            if isinstance(answer, Deferred):
+                return Deferred(lambda: self._finish(answer))
+            self._end()
+            return Response(request.id, ok=answer)
         except SecureChatError as exc:
             return Response.failure(request.id, exc)
+
+    async def _finish(self, deferred: Deferred) -> dict[str, Any]:
+        try:
+            return await deferred.finish()
+        finally:
+            self._end()
 
 
 async def serve_connection(transport: Transport, dispatcher: Dispatcher,
@@ -167,6 +199,7 @@ async def _reader(session: Session, dispatcher: Dispatcher, limits: codec.Limits
     connections sharing each group commit, not from reordering one connection.
     """
     bad_frames = 0
+    deferred_slots = trio.Semaphore(MAX_DEFERRED)
     while True:
         try:
             data = await session.transport.receive()
@@ -190,7 +223,28 @@ async def _reader(session: Session, dispatcher: Dispatcher, limits: codec.Limits
         except Exception:  # our bug: log it (no payloads), answer 'internal', keep serving
             log.exception("handler for op %s failed", request.op)
             response = Response.failure(request.id, SecureChatError("internal error"))
+        if isinstance(response, Deferred):
+            await deferred_slots.acquire()
+            if session.nursery is None:
+                raise RuntimeError("session has no nursery")
+            session.nursery.start_soon(_complete, session, request, response, deferred_slots)
+            continue
         await _respond(session, response)
+
+
+async def _complete(session: Session, request: Request, deferred: Deferred,
+                    slots: trio.Semaphore) -> None:
+    try:
+        try:
+            response = Response(request.id, ok=await deferred.finish())
+        except SecureChatError as exc:
+            response = Response.failure(request.id, exc)
+        except Exception:
+            log.exception("handler for op %s failed", request.op)
+            response = Response.failure(request.id, SecureChatError("internal error"))
+        await _respond(session, response)
+    finally:
+        slots.release()
 
 
 async def _respond(session: Session, response: Response) -> None:

@@ -29,7 +29,7 @@ from federation.frames import Push, PushKind
 from federation.validate import field, require_map
 from homeserver.clock import Clock
 from homeserver.config import Config
-from homeserver.connection import Session
+from homeserver.connection import Deferred, Session
 from homeserver.handlers.directory import DeviceDirectory
 from homeserver.ratelimit import RateLimiter
 from homeserver.storage.models import DeviceState, MailboxEntry, MailboxStore
@@ -203,7 +203,7 @@ class MailboxHandler:
             raise StaleDevices("the send does not cover exactly the recipients' current devices",
                                details=stale)
 
-    async def send(self, session: Session, params: dict[str, Any]) -> dict[str, Any]:
+    async def send(self, session: Session, params: dict[str, Any]) -> dict[str, Any] | Deferred:
         if self.draining:
             raise ShuttingDown("server is shutting down; retry on reconnect")
         message_id = field(params, "message_id", str, max_length=MAX_MESSAGE_ID)
@@ -228,18 +228,30 @@ class MailboxHandler:
                         delivered += 1
             return {"message_id": message_id, "delivered": delivered}
         digest = hashlib.sha256(codec.encode([[sorted(d), c] for d, c in payloads])).digest()
-        result = await self.mailboxes.deliver(session.device, message_id, digest, payloads, now,
-                                              self.config.mailbox_ttl_ms)
-        if result.status == "conflict":
-            raise RequestRejected("message_id was already used with different content", code=ErrorCode.CONFLICT)
-        self._notify(result.entries)
-        return {"message_id": message_id, "duplicate": result.status == "duplicate"}
+        # New entries are handed to connected devices in commit order, by the
+        # storage writer itself, so every device's pushes follow its seq order.
+        queued = await self.mailboxes.queue_deliver(session.device, message_id, digest, payloads, now,
+                                                    self.config.mailbox_ttl_ms,
+                                                    on_commit=lambda result: self._notify(result.entries))
 
-    async def ack(self, session: Session, params: dict[str, Any]) -> dict[str, Any]:
+        async def committed() -> dict[str, Any]:
+            result = await queued.result()
+            if result.status == "conflict":
+                raise RequestRejected("message_id was already used with different content",
+                                      code=ErrorCode.CONFLICT)
+            return {"message_id": message_id, "duplicate": result.status == "duplicate"}
+
+        return Deferred(committed)
+
+    async def ack(self, session: Session, params: dict[str, Any]) -> dict[str, Any] | Deferred:
         seqs = field(params, "seqs", list)
         if len(seqs) > MAX_ACK_BATCH:
             raise RequestRejected(f"at most {MAX_ACK_BATCH} seqs per ack", code=ErrorCode.TOO_LARGE)
         if not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in seqs):
             raise ProtocolError("seqs must be positive integers")
-        removed = await self.mailboxes.ack(session.device, seqs)
-        return {"removed": removed}
+        queued = await self.mailboxes.queue_ack(session.device, seqs)
+
+        async def committed() -> dict[str, Any]:
+            return {"removed": await queued.result()}
+
+        return Deferred(committed)

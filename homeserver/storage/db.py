@@ -15,6 +15,8 @@ rolls back its savepoint only and is raised to its own caller only.
 
 from __future__ import annotations
 
+import logging
+
 import sqlite3
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -28,10 +30,11 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import ClauseElement
 from sqlalchemy.pool import StaticPool
 
-from homeserver.storage.models import DatabaseClosed
+from homeserver.storage.models import Completion, DatabaseClosed
 from homeserver.storage.schema import migrate
 
 T = TypeVar("T")
+log = logging.getLogger("securechat.storage")
 
 DEFAULT_URL = "sqlite:///securechat.db"
 MAX_BATCH = 256
@@ -117,9 +120,35 @@ class _BrokenTransaction(Exception):
 @dataclass(slots=True, eq=False)
 class _PendingOp(Generic[T]):
     op: Callable[[Connection], T]
+    on_commit: Callable[[T], None] | None = None
     done: trio.Event = field(default_factory=trio.Event)
     result: outcome.Outcome[T] | None = None
     batch_error: BaseException | None = None
+
+
+def _run_on_commit(pending: _PendingOp[Any]) -> None:
+    if pending.on_commit is None or pending.batch_error is not None:
+        return
+    if isinstance(pending.result, outcome.Value):
+        try:
+            pending.on_commit(pending.result.value)
+        except Exception:
+            log.exception("on_commit callback failed")
+
+
+class _QueuedWrite(Completion[T]):
+    def __init__(self, pending: _PendingOp[T]) -> None:
+        self._pending = pending
+
+    async def result(self) -> T:
+        pending = self._pending
+        await pending.done.wait()
+        if pending.batch_error is not None:
+            raise WriteFailed("write transaction failed; nothing was committed") \
+                from pending.batch_error
+        if pending.result is None:       # the writer stopped before running it
+            raise DatabaseClosed("storage is shutting down")
+        return pending.result.unwrap()
 
 
 class Database:
@@ -159,20 +188,26 @@ class Database:
         commit, ``DatabaseClosed`` once shutdown began.  A caller cancelled
         after queueing does not learn whether its op committed.
         """
+        return await (await self.queue(op)).result()
+
+    async def queue(self, op: Callable[[Connection], T],
+                    on_commit: Callable[[T], None] | None = None) -> Completion[T]:
+        """Queue ``op`` now and return a handle to await its committed result later.
+
+        Ops queued by one task run in the order it queued them, so a connection
+        can pipeline writes (queue in arrival order, await results concurrently).
+        ``on_commit`` runs in the writer task, in commit order, right after the
+        commit and before any waiter wakes: the place for ordered side effects
+        such as pushing new mailbox entries.
+        """
         if not self._accepting:
             raise DatabaseClosed("storage is shutting down")
-        pending: _PendingOp[T] = _PendingOp(op)
+        pending: _PendingOp[T] = _PendingOp(op, on_commit)
         try:
             await self._send.send(pending)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise DatabaseClosed("storage is shutting down") from None
-        await pending.done.wait()
-        if pending.batch_error is not None:
-            raise WriteFailed("write transaction failed; nothing was committed") \
-                from pending.batch_error
-        if pending.result is None:       # the writer stopped before running it
-            raise DatabaseClosed("storage is shutting down")
-        return pending.result.unwrap()
+        return _QueuedWrite(pending)
 
     async def read(self, fn: Callable[[Connection], T]) -> T:
         """Run ``fn`` in one read transaction on a worker thread, beside the writer (WAL)."""
@@ -201,6 +236,8 @@ class Database:
                     self.batches += 1
                     self.ops += len(batch)
                     self.largest_batch = max(self.largest_batch, len(batch))
+                    for pending in batch:
+                        _run_on_commit(pending)
                     for pending in batch:
                         pending.done.set()
         finally:

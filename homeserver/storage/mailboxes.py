@@ -9,13 +9,13 @@ its last pointer goes (ack, purge, revocation or expiry).
 from __future__ import annotations
 
 import hmac
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TypeVar
 
 from sqlalchemy import Connection, bindparam, delete, exists, func, insert, select
 
 from homeserver.storage.db import Database, Prepared
-from homeserver.storage.models import DeliverResult, MailboxEntry
+from homeserver.storage.models import Completion, DeliverResult, MailboxEntry
 from homeserver.storage.schema import blobs, claimed_prekeys, invites, mailbox, message_ids
 
 CHUNK = 500     # bound on bound parameters per IN (...) list
@@ -160,8 +160,15 @@ class MailboxRepository:
         ``conflict``; neither adds rows.  Otherwise every ciphertext is stored
         once with one entry per device, and the new entries come back with their seq.
         """
-        return await self._db.write(
-            lambda conn: _deliver(conn, sender, message_id, digest, payloads, now_ms, ttl_ms))
+        return await (await self.queue_deliver(sender, message_id, digest, payloads, now_ms, ttl_ms)).result()
+
+    async def queue_deliver(self, sender: str, message_id: str, digest: bytes,
+                            payloads: list[tuple[list[str], bytes]], now_ms: int, ttl_ms: int,
+                            on_commit: Callable[[DeliverResult], None] | None = None
+                            ) -> Completion[DeliverResult]:
+        """``deliver``, queued now and awaited later; ``on_commit`` runs in commit order."""
+        return await self._db.queue(
+            lambda conn: _deliver(conn, sender, message_id, digest, payloads, now_ms, ttl_ms), on_commit)
 
     async def pending(self, device: str, after_seq: int, limit: int) -> list[MailboxEntry]:
         """Up to ``limit`` entries of ``device`` after ``after_seq``, oldest first."""
@@ -169,7 +176,11 @@ class MailboxRepository:
 
     async def ack(self, device: str, seqs: list[int]) -> int:
         """Delete those entries of ``device`` (others' seqs are ignored); returns how many."""
-        return await self._db.write(lambda conn: _ack(conn, device, seqs))
+        return await (await self.queue_ack(device, seqs)).result()
+
+    async def queue_ack(self, device: str, seqs: list[int]) -> Completion[int]:
+        """``ack``, queued now and awaited later."""
+        return await self._db.queue(lambda conn: _ack(conn, device, seqs))
 
     async def expire(self, now_ms: int) -> dict[str, int]:
         """Housekeeping: drop everything past its TTL; returns the count per kind."""

@@ -9,6 +9,8 @@ against both implementations.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import hmac
 import itertools
 from dataclasses import dataclass, field, replace
@@ -17,6 +19,8 @@ import trio
 
 from homeserver.storage.accounts import invite_id_for
 from homeserver.storage.models import (
+    Completion,
+    Done,
     CLAIMED_PREKEY_TTL_MS,
     Account,
     AccountExists,
@@ -310,6 +314,18 @@ class MemoryMailboxRepository:
                     sender, message_id, blob_id, now_ms, expires_ms)
                 entries.append(MailboxEntry(seq, device, sender, message_id, ciphertext, now_ms))
         return DeliverResult("new", tuple(entries))
+
+    async def queue_deliver(self, sender: str, message_id: str, digest: bytes,
+                            payloads: list[tuple[list[str], bytes]], now_ms: int, ttl_ms: int,
+                            on_commit: Callable[[DeliverResult], None] | None = None
+                            ) -> Completion[DeliverResult]:
+        result = await self.deliver(sender, message_id, digest, payloads, now_ms, ttl_ms)
+        if on_commit is not None:
+            on_commit(result)
+        return Done(result)
+
+    async def queue_ack(self, device: str, seqs: list[int]) -> Completion[int]:
+        return Done(await self.ack(device, seqs))
 
     async def pending(self, device: str, after_seq: int, limit: int) -> list[MailboxEntry]:
         await trio.lowlevel.checkpoint()

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Literal, Protocol
+from collections.abc import Callable
+from typing import Generic, Literal, Protocol, TypeVar
+
+import trio
 
 from federation.errors import ErrorCode, RequestRejected
 
+T_co = TypeVar("T_co", covariant=True)
 DAY_MS = 24 * 3600 * 1000
 MAILBOX_TTL_MS = 30 * DAY_MS
 # A claimed one-time prekey id stays reserved as long as a first message that
@@ -187,10 +191,33 @@ class DeviceStore(Protocol):
     async def count_prekeys(self, user: str, device_id: str) -> tuple[int, int]: ...
 
 
+class Completion(Generic[T_co]):
+    """A write already queued, in order; ``await result()`` once it is committed."""
+
+    async def result(self) -> T_co:
+        raise NotImplementedError
+
+
+class Done(Completion[T_co]):
+    """A completion whose result is already known (in-memory storage)."""
+
+    def __init__(self, value: T_co) -> None:
+        self._value = value
+
+    async def result(self) -> T_co:
+        await trio.lowlevel.checkpoint()
+        return self._value
+
+
 class MailboxStore(Protocol):
     async def deliver(self, sender: str, message_id: str, digest: bytes,
                       payloads: list[tuple[list[str], bytes]], now_ms: int,
                       ttl_ms: int) -> DeliverResult: ...
+    async def queue_deliver(self, sender: str, message_id: str, digest: bytes,
+                            payloads: list[tuple[list[str], bytes]], now_ms: int, ttl_ms: int,
+                            on_commit: Callable[[DeliverResult], None] | None = None
+                            ) -> Completion[DeliverResult]: ...
+    async def queue_ack(self, device: str, seqs: list[int]) -> Completion[int]: ...
     async def pending(self, device: str, after_seq: int, limit: int) -> list[MailboxEntry]: ...
     async def ack(self, device: str, seqs: list[int]) -> int: ...
     async def expire(self, now_ms: int) -> dict[str, int]: ...
