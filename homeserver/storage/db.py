@@ -37,7 +37,7 @@ T = TypeVar("T")
 log = logging.getLogger("securechat.storage")
 
 DEFAULT_URL = "sqlite:///securechat.db"
-MAX_BATCH = 256
+MAX_BATCH = 64
 QUEUE_SIZE = 4096          # queued write ops before ``write`` applies back-pressure
 READ_THREADS = 4
 BUSY_TIMEOUT_MS = 10_000
