@@ -150,8 +150,9 @@ class KeysHandler:
         session = self.directory.session_of(device)
         self.directory.forget_device(device)
         if session is not None:
+            # Tell the device why before closing: the push is flushed, then 4001.
             session.push_nowait(Push(PushKind.DEVICE_REVOKED, {"device": device}))
-            await session.close(CLOSE_REVOKED, "device revoked")
+            session.close_after_flush(CLOSE_REVOKED, "device revoked")
 
     # -- claims -------------------------------------------------------------------------
     async def claim(self, session: Session, params: dict[str, Any]) -> dict[str, Any]:

@@ -217,3 +217,63 @@ async def test_device_list_changed_pushed_to_watchers(config):
             await bob_rpc.request("put_device_list", device_list=bob_master.device_list([bob_master, laptop]).to_wire())
             push = await alice_rpc.next_push("device_list_changed")
             assert push.fields == {"user": bob_master.user, "version": bob_master.list_version}
+
+
+async def test_prekeys_low_push_key_count_and_revoke_own_device(config):
+    async with running_server(config) as (_, network):
+        bob_master, bob_phone = await _user_with_devices(network, n_extra=1)
+        alice = (await _user_with_devices(network, n_extra=0))[0]
+        async with connect(network) as phone_rpc, connect(network) as alice_rpc:
+            answer = await authenticate(phone_rpc, bob_phone, DOMAIN)
+            assert answer["prekeys"]["one_time"] == 0
+            assert (await phone_rpc.next_push("prekeys_low")).fields["one_time"] == 0
+            await phone_rpc.request("upload_keys", **bob_phone.prekey_upload(one_time=11, first_id=1))
+            assert (await phone_rpc.request("key_count")) == {"one_time": 11, "pq_one_time": 0}
+            await authenticate(alice_rpc, alice, DOMAIN)
+            await alice_rpc.request("claim", user=bob_master.user, device_ids=[bob_phone.device_id])
+            await alice_rpc.request("claim", user=bob_master.user, device_ids=[bob_phone.device_id])
+            assert (await phone_rpc.next_push("prekeys_low")).fields["one_time"] == 9
+        async with connect(network) as master_rpc, connect(network) as phone_rpc:
+            await authenticate(master_rpc, bob_master, DOMAIN)
+            await authenticate(phone_rpc, bob_phone, DOMAIN)
+            assert (await master_rpc.request("revoke_device", device_id=bob_phone.device_id)) == {
+                "revoked": bob_phone.device_id}
+            await phone_rpc.next_push("device_revoked")
+            with trio.fail_after(5):
+                await phone_rpc.closed.wait()
+            assert phone_rpc.close_code == 4001
+            with pytest.raises(RemoteError) as exc:
+                await master_rpc.request("revoke_device", device_id=bob_phone.device_id)
+            assert exc.value.code == ErrorCode.NOT_FOUND
+
+
+async def test_disabled_account_cannot_connect(config):
+    async with running_server(config) as (running, network):
+        device = (await _user_with_devices(network, n_extra=0))[0]
+        await running.homeserver.storage.accounts.set_disabled(device.user, True)
+        async with connect(network) as rpc:
+            with pytest.raises(RemoteError) as exc:
+                await authenticate(rpc, device, DOMAIN)
+            assert exc.value.code == ErrorCode.FORBIDDEN
+            with pytest.raises(RemoteError) as exc:
+                await login(rpc, device.user)
+            assert exc.value.code == ErrorCode.FORBIDDEN
+
+
+async def test_healthz_and_discovery_over_http(tmp_path, nursery):
+    import httpx
+    from homeserver.app import serve
+    from homeserver.server_keys import new_server_key
+    config = make_config(tmp_path, domain="localhost")
+    key = new_server_key(0, 10**15)
+    running = await nursery.start(lambda task_status: serve(config, [key], task_status=task_status))
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{running.http_port}") as http:
+        health = (await http.get("/healthz")).json()
+        assert health["status"] == "ok" and health["domain"] == "localhost"
+        doc = (await http.get("/.well-known/securechat")).json()
+        assert doc["domain"] == "localhost"
+        assert doc["endpoints"]["c2s"] == running.c2s_url
+        assert [k["key_id"] for k in doc["server_keys"]] == [key.key_id]
+        assert (await http.get("/nope")).status_code == 404
+        assert (await http.post("/healthz")).status_code == 405
+    running.stop.set()
