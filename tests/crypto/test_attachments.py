@@ -16,21 +16,9 @@ from clientsdk.crypto.attachments import (
 )
 from clientsdk.crypto.errors import AttachmentInvalid, MalformedMessage, UnsupportedVersion
 from federation import codec
+from conformance.rng import counter_rng
 
 SEG_CT = SEGMENT_SIZE + TAG_SIZE
-
-
-def counter_rng(seed: bytes):
-    """Deterministic rng: SHA-256 in counter mode over ``seed``."""
-    counter = itertools.count()
-
-    def rng(n: int) -> bytes:
-        out = b""
-        while len(out) < n:
-            out += hashlib.sha256(seed + next(counter).to_bytes(8, "big")).digest()
-        return out[:n]
-
-    return rng
 
 
 def fixed_rng(*parts: bytes):

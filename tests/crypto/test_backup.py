@@ -1,8 +1,6 @@
 """Backups (DESIGN §4): recovery-key sealing for the server, Argon2id passphrase for local files."""
 
 import dataclasses
-import hashlib
-import itertools
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -16,18 +14,7 @@ from clientsdk.crypto.backup import (
 )
 from clientsdk.crypto.errors import BackupInvalid, RecoveryKeyMistyped, UnsupportedVersion
 from federation import codec
-
-
-def counter_rng(seed: bytes):
-    counter = itertools.count()
-
-    def rng(n: int) -> bytes:
-        out = b""
-        while len(out) < n:
-            out += hashlib.sha256(seed + next(counter).to_bytes(8, "big")).digest()
-        return out[:n]
-
-    return rng
+from conformance.rng import counter_rng
 
 
 MASTER = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))

@@ -27,6 +27,7 @@ from clientsdk.crypto.sender_keys import OutboundSenderKey, UnknownSenderKey
 from federation import codec, signing
 from federation.addresses import DeviceAddress, UserAddress
 from federation.signing import Purpose
+from conformance.rng import counter_rng as seeded_rng
 
 NOW = 1_700_000_000_000
 NAMES = ["alice", "bob", "carol", "dave", "erin"]
@@ -38,19 +39,6 @@ DIRECTORY = {DEVICES[n]: signing.public_bytes(KEYS[n]) for n in NAMES}
 
 def resolver(device: DeviceAddress) -> bytes | None:
     return DIRECTORY.get(device)
-
-
-def seeded_rng(seed: bytes):
-    counter = [0]
-
-    def rng(n: int) -> bytes:
-        out = b""
-        while len(out) < n:
-            out += hashlib.sha256(seed + counter[0].to_bytes(8, "big")).digest()
-            counter[0] += 1
-        return out[:n]
-
-    return rng
 
 
 def genesis() -> GroupState:

@@ -1,4 +1,3 @@
-import hashlib
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM1024PrivateKey
@@ -14,18 +13,7 @@ from federation.keys import (
     BadDeviceList, DeviceEntry, DeviceList, DeviceListEquivocation, DeviceListExpired, DeviceListRollback,
 )
 from federation.signing import Purpose
-
-
-def counter_rng(seed: bytes):
-    counter = [0]
-
-    def rng(n: int) -> bytes:
-        out = b""
-        while len(out) < n:
-            out += hashlib.sha256(seed + counter[0].to_bytes(8, "big")).digest()
-            counter[0] += 1
-        return out[:n]
-    return rng
+from conformance.rng import counter_rng
 
 
 MASTER = MasterKey.generate(counter_rng(b"master"))

@@ -1,4 +1,3 @@
-import hashlib
 
 import pytest
 from hypothesis import given, settings
@@ -21,23 +20,11 @@ from clientsdk.crypto.sender_keys import (
 )
 from federation import codec, signing
 from federation.signing import Purpose
+from conformance.rng import counter_rng as seeded_rng
 
 NOW = 1_700_000_000_000
 DAY = 24 * 3600 * 1000
 GROUP = bytes(range(32))
-
-
-def seeded_rng(seed: bytes):
-    counter = [0]
-
-    def rng(n: int) -> bytes:
-        out = b""
-        while len(out) < n:
-            out += hashlib.sha256(seed + counter[0].to_bytes(8, "big")).digest()
-            counter[0] += 1
-        return out[:n]
-
-    return rng
 
 
 def pair(seed=b"pair", epoch=0):

@@ -12,7 +12,7 @@ import trio
 from federation.rpc import RpcClient, open_rpc
 from federation.transport import MemoryNetwork
 from homeserver.app import RunningServer, serve
-from homeserver.config import Config, Limits
+from homeserver.config import Config
 from homeserver.server_keys import new_server_key
 from homeserver.storage import MemoryStorage
 

@@ -4,7 +4,6 @@ import pytest
 import trio
 
 from conformance.client import ProtocolDevice, authenticate, login, now_ms, register, throwaway_user
-from federation import codec
 from federation.errors import ErrorCode
 from federation.keys import PrekeyBundle
 from federation.rpc import RemoteError
