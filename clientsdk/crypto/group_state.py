@@ -22,10 +22,7 @@ the loser's author gets it back in ``displaced_own`` and re-sends it rebased
 (``GroupReplica.resend``), re-checked against the new state.  Every member that
 receives the same changes ends on the same state, whatever the arrival order.
 
-``GroupSession`` ties the state to sender keys: it applies pending control
-messages before every send, never sends under a sender key older than the last
-removal (``key_epoch``) — so a removal rotates every remaining member's key —
-and hands its chain to members that do not have it yet.
+``clientsdk.crypto.group_session.GroupSession`` ties this state to sender keys.
 """
 
 from __future__ import annotations
@@ -40,14 +37,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from clientsdk.crypto.errors import GroupStateError, MalformedMessage, UnsupportedVersion
 from clientsdk.crypto.primitives import Rng, ct_equal
-from clientsdk.crypto.sender_keys import (
-    Distribution,
-    GroupMessage,
-    GroupPlaintext,
-    InboundSenderKey,
-    OutboundSenderKey,
-    UnknownSenderKey,
-)
 from federation import codec, signing
 from federation.addresses import DeviceAddress, UserAddress
 from federation.errors import InvalidSignature, ProtocolError
@@ -103,7 +92,7 @@ def _sha256(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
-def _decode_versioned(data: bytes, what: str) -> dict[str, Any]:
+def decode_versioned(data: bytes, what: str) -> dict[str, Any]:
     try:
         obj = require_map(codec.decode(data), what)
         version = field(obj, "v", int)
@@ -114,14 +103,14 @@ def _decode_versioned(data: bytes, what: str) -> dict[str, Any]:
     return obj
 
 
-def _user(text: Any) -> UserAddress:
+def parse_user(text: Any) -> UserAddress:
     try:
         return UserAddress.parse(text)
     except ProtocolError:
         raise MalformedMessage("invalid user address") from None
 
 
-def _sorted_users(users: Iterable[UserAddress]) -> tuple[UserAddress, ...]:
+def sorted_users(users: Iterable[UserAddress]) -> tuple[UserAddress, ...]:
     return tuple(sorted(set(users), key=lambda u: str(u).encode()))
 
 
@@ -152,7 +141,7 @@ class GroupState:
         if not 0 <= self.key_epoch <= self.epoch < 2**63:
             raise MalformedMessage("epochs out of range")
         _check_name(self.name)
-        if self.members != _sorted_users(self.members) or self.admins != _sorted_users(self.admins):
+        if self.members != sorted_users(self.members) or self.admins != sorted_users(self.admins):
             raise MalformedMessage("members and admins must be sorted and unique")
         if not self.admins or not set(self.admins) <= set(self.members) or len(self.members) > MAX_MEMBERS:
             raise MalformedMessage("admins must be a non-empty subset of at most MAX_MEMBERS members")
@@ -163,7 +152,7 @@ class GroupState:
     @classmethod
     def new(cls, name: str, creator: UserAddress, members: Iterable[UserAddress], rng: Rng) -> GroupState:
         """Epoch 0 of a new group with a random id; the creator is its first admin."""
-        return cls(rng(GROUP_ID_LEN), 0, name, _sorted_users([creator, *members]), (creator,),
+        return cls(rng(GROUP_ID_LEN), 0, name, sorted_users([creator, *members]), (creator,),
                    bytes(HASH_LEN), 0)
 
     def to_bytes(self) -> bytes:
@@ -173,14 +162,14 @@ class GroupState:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> GroupState:
-        obj = _decode_versioned(data, "group state")
+        obj = decode_versioned(data, "group state")
         if set(obj) != {"v", "group_id", "epoch", "name", "members", "admins", "prev_hash", "key_epoch"}:
             raise MalformedMessage("group state has unexpected or missing fields")
         try:
             members = field(obj, "members", list)
             admins = field(obj, "admins", list)
             state = cls(field(obj, "group_id", bytes), field(obj, "epoch", int), field(obj, "name", str),
-                        tuple(_user(u) for u in members), tuple(_user(u) for u in admins),
+                        tuple(parse_user(u) for u in members), tuple(parse_user(u) for u in admins),
                         field(obj, "prev_hash", bytes), field(obj, "key_epoch", int))
         except ProtocolError:
             raise MalformedMessage("group state has a field of the wrong type") from None
@@ -232,7 +221,7 @@ class SignedChange:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> SignedChange:
-        outer = _decode_versioned(data, "group change")
+        outer = decode_versioned(data, "group change")
         try:
             if set(outer) != {"v", "body", "signature"}:
                 raise MalformedMessage("group change has unexpected or missing fields")
@@ -261,7 +250,7 @@ class SignedChange:
         if op is ChangeOp.RENAME:
             _check_name(change.target)
         else:
-            _user(change.target)
+            parse_user(change.target)
         return cls(change, body, signature)
 
     def verify(self, resolver: Resolver) -> None:
@@ -284,7 +273,7 @@ def _apply_op(state: GroupState, op: ChangeOp, target: str) -> GroupState:
             raise ChangeNotApplicable("the group already has this name")
         name = target
     else:
-        user = _user(target)
+        user = parse_user(target)
         if op is ChangeOp.ADD_MEMBER:
             if user in members or len(members) >= MAX_MEMBERS:
                 raise ChangeNotApplicable("already a member, or the group is full")
@@ -303,7 +292,7 @@ def _apply_op(state: GroupState, op: ChangeOp, target: str) -> GroupState:
             if user not in admins or len(admins) == 1:
                 raise ChangeNotApplicable("not an admin, or the last admin")
             admins.discard(user)
-    return GroupState(state.group_id, epoch, name, _sorted_users(members), _sorted_users(admins),
+    return GroupState(state.group_id, epoch, name, sorted_users(members), sorted_users(admins),
                       state.hash(), key_epoch)
 
 
@@ -495,7 +484,7 @@ class GroupReplica:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> GroupReplica:
-        obj = _decode_versioned(data, "group replica")
+        obj = decode_versioned(data, "group replica")
         try:
             me = DeviceAddress.parse(field(obj, "me", str))
             state = GroupState.from_bytes(field(obj, "state", bytes))
@@ -509,132 +498,3 @@ class GroupReplica:
             if base.epoch != state.epoch - len(history) + offset or change.change.base_epoch != base.epoch:
                 raise MalformedMessage("group replica history is not contiguous")
         return cls(state, me, history, pending)
-
-
-# --- session: state + sender keys ---------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class GroupSend:
-    """What one send produces: deliver ``distribution`` pairwise first, then ``message`` to all members."""
-
-    message: bytes
-    epoch: int
-    recipients: tuple[UserAddress, ...]
-    distribution: bytes | None
-    distribute_to: tuple[UserAddress, ...]
-    rotated: bool
-    control: tuple[ControlOutcome, ...]
-
-
-class GroupSession:
-    """A device's group: its replica, its sending chain and the chains of the other member devices."""
-
-    def __init__(self, replica: GroupReplica, resolver: Resolver,
-                 outbound: OutboundSenderKey | None = None,
-                 distributed_to: Iterable[UserAddress] = (),
-                 inbound: dict[DeviceAddress, list[InboundSenderKey]] | None = None,
-                 inbox: Iterable[bytes] = ()) -> None:
-        self.replica = replica
-        self.resolver = resolver
-        self.outbound = outbound
-        self._distributed_to = set(distributed_to)
-        self._inbound: dict[DeviceAddress, list[InboundSenderKey]] = {k: list(v) for k, v in (inbound or {}).items()}
-        self._inbox = list(inbox)
-
-    @property
-    def state(self) -> GroupState:
-        return self.replica.state
-
-    def queue_control(self, data: bytes) -> None:
-        """Keep a control message for ``apply_pending`` (always run before a send)."""
-        self._inbox.append(data)
-
-    def apply_pending(self) -> tuple[ControlOutcome, ...]:
-        """Apply queued control messages in arrival order; invalid ones are dropped."""
-        outcomes = []
-        inbox, self._inbox = self._inbox, []
-        for data in inbox:
-            try:
-                outcomes.append(self.replica.receive(data, self.resolver))
-            except (GroupStateError, MalformedMessage, UnsupportedVersion):
-                continue
-        members = set(self.state.members)
-        for device in [d for d in self._inbound if d.user not in members]:
-            del self._inbound[device]
-        return tuple(outcomes)
-
-    def _sender_key_is_current(self) -> bool:
-        key = self.outbound
-        return key is not None and self.state.key_epoch <= key.epoch <= self.state.epoch
-
-    def encrypt(self, body: bytes, rng: Rng) -> GroupSend:
-        """Apply pending control messages, rotate if a removal requires it, then encrypt once."""
-        control = self.apply_pending()
-        state = self.state
-        if self.replica.me.user not in state.members:
-            raise NotMember("I am not a member of this group")
-        rotated = False
-        if not self._sender_key_is_current():
-            self.outbound = (OutboundSenderKey.create(state.group_id, state.epoch, rng) if self.outbound is None
-                             else self.outbound.rotate(state.epoch, rng))
-            self._distributed_to = set()
-            rotated = True
-        outbound = self.outbound
-        if outbound is None:
-            raise GroupStateError("no sending chain")
-        need = _sorted_users(u for u in state.members if u not in self._distributed_to)
-        distribution = outbound.distribution().to_bytes() if need else None
-        message = outbound.encrypt(body, state.epoch)
-        self._distributed_to.update(need)
-        return GroupSend(message, state.epoch, state.members, distribution, need, rotated, control)
-
-    def add_sender_key(self, sender: DeviceAddress, distribution: bytes) -> None:
-        """Store a member device's chain received over our pairwise session with it."""
-        parsed = Distribution.from_bytes(distribution)
-        if not ct_equal(parsed.group_id, self.state.group_id):
-            raise WrongGroup("distribution for another group")
-        if sender.user not in self.state.members:
-            raise NotMember("distribution from a non-member")
-        chains = self._inbound.setdefault(sender, [])
-        if any(c.key_id == parsed.key_id for c in chains):
-            return                   # never let a re-sent distribution rewind a chain
-        chains.append(InboundSenderKey.from_distribution(parsed))
-        del chains[:-MAX_CHAINS_PER_SENDER]
-
-    def decrypt(self, sender: DeviceAddress, message: bytes, now_ms: int) -> GroupPlaintext:
-        """Decrypt a group message from ``sender`` (the envelope's device), a current member."""
-        if sender.user not in self.state.members:
-            raise NotMember("group message from a non-member")
-        parsed = GroupMessage.from_bytes(message)
-        for chain in self._inbound.get(sender, []):
-            if ct_equal(chain.key_id, parsed.key_id):
-                return chain.decrypt(parsed, now_ms)
-        raise UnknownSenderKey("no sender key with this key id for this device")
-
-    def to_bytes(self) -> bytes:
-        """Versioned local state (client store only: it holds sender-key chains, never back it up)."""
-        return codec.encode({
-            "v": VERSION, "replica": self.replica.to_bytes(),
-            "outbound": self.outbound.to_bytes() if self.outbound else None,
-            "distributed_to": [str(u) for u in _sorted_users(self._distributed_to)],
-            "inbound": [[str(d), [c.to_bytes() for c in chains]] for d, chains in sorted(self._inbound.items())],
-            "inbox": list(self._inbox)})
-
-    @classmethod
-    def from_bytes(cls, data: bytes, resolver: Resolver) -> GroupSession:
-        obj = _decode_versioned(data, "group session")
-        try:
-            replica = GroupReplica.from_bytes(field(obj, "replica", bytes))
-            raw_out = obj.get("outbound")
-            outbound = OutboundSenderKey.from_bytes(raw_out) if raw_out is not None else None
-            distributed = [_user(u) for u in field(obj, "distributed_to", list)]
-            inbound = {DeviceAddress.parse(d): [InboundSenderKey.from_bytes(c) for c in chains]
-                       for d, chains in field(obj, "inbound", list)}
-            inbox = field(obj, "inbox", list)
-        except (ProtocolError, TypeError, ValueError):
-            raise MalformedMessage("group session does not parse") from None
-        if not all(isinstance(b, bytes) for b in inbox):
-            raise MalformedMessage("group session inbox must hold bytes")
-        return cls(replica, resolver, outbound, distributed, inbound, inbox)
-

@@ -7,13 +7,13 @@ from hypothesis import strategies as st
 
 from clientsdk.crypto import group_state as gs
 from clientsdk.crypto.errors import GroupStateError, MalformedMessage, UnsupportedVersion
+from clientsdk.crypto.group_session import GroupSession
 from clientsdk.crypto.group_state import (
     BadChangeSignature,
     ChangeNotApplicable,
     ChangeOp,
     ControlStatus,
     GroupReplica,
-    GroupSession,
     GroupState,
     NotAdmin,
     NotMember,
