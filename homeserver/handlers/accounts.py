@@ -22,7 +22,7 @@ from homeserver.connection import Session
 from homeserver.handlers.directory import DeviceDirectory
 from homeserver.passwords import MAX_PASSWORD_BYTES, PasswordHasher
 from homeserver.ratelimit import RateLimiter
-from homeserver.storage.models import AccountStore, DeviceState, DeviceStore
+from homeserver.storage.models import AccountStore, DeviceState, DeviceStore, NewAccount
 
 log = logging.getLogger("securechat.accounts")
 MIN_PASSWORD_CHARS = 8
@@ -85,11 +85,11 @@ class AccountsHandler:
         check_not_expired(device_list, now)
         password_hash = await self.hasher.hash(password)
         token_hash = invite_token_hash(invite) if isinstance(invite, str) else None
-        await self.accounts.create_account(user, password_hash, master_key, now,
-                                           token_hash if self.config.registration == "invite" else None)
-        await self.devices.add_device(user, device_id, identity_key, DeviceState.ACTIVE, now)
-        await self.devices.put_device_list(user, device_list.version, signed.body, signed.signature,
-                                           device_list.device_ids(), now)
+        if device_list.device_ids() != {device_id}:
+            raise BadDeviceList("the first device list must name exactly the registering device")
+        await self.accounts.register(NewAccount(
+            user, password_hash, master_key, device_id, identity_key, device_list.version, signed.body,
+            signed.signature, token_hash if self.config.registration == "invite" else None), now)
         self.directory.invalidate(user)
         log.info("registered %s", user)
         return {"user": user, "device": f"{user}/{device_id}"}

@@ -1,32 +1,46 @@
 """Who is connected, which devices each local user has, and who watches whose device list.
 
 Device states are a hot read path (every send checks coverage): cached in memory
-per user and invalidated on every write that changes them (DESIGN §7).
+per user and invalidated on every write that changes them (DESIGN §7).  Entries
+also expire after ``CACHE_TTL_S`` so changes made by another process (the admin
+CLI) are seen, and the cache holds at most ``CACHE_USERS`` users (LRU).
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
+
+import trio
 
 from federation.frames import Push, PushKind
 from homeserver.connection import Session
 from homeserver.storage.models import Device, DeviceState, DeviceStore
 
 
+CACHE_TTL_S = 30.0
+CACHE_USERS = 10_000
+
+
 class DeviceDirectory:
     def __init__(self, devices: DeviceStore) -> None:
         self._repo = devices
-        self._cache: dict[str, dict[str, Device]] = {}
+        self._cache: OrderedDict[str, tuple[float, dict[str, Device]]] = OrderedDict()
         self._sessions: dict[str, Session] = {}                 # device address -> live session
         self._watchers: dict[str, set[str]] = defaultdict(set)  # user -> device addresses
 
     # -- device states ----------------------------------------------------------------
     async def devices_of(self, user: str) -> dict[str, Device]:
-        cached = self._cache.get(user)
-        if cached is None:
-            cached = {d.device_id: d for d in await self._repo.list_devices(user)}
-            self._cache[user] = cached
-        return cached
+        now = trio.current_time()
+        entry = self._cache.get(user)
+        if entry is not None and now - entry[0] < CACHE_TTL_S:
+            self._cache.move_to_end(user)
+            return entry[1]
+        devices = {d.device_id: d for d in await self._repo.list_devices(user)}
+        self._cache[user] = (now, devices)
+        self._cache.move_to_end(user)
+        while len(self._cache) > CACHE_USERS:
+            self._cache.popitem(last=False)
+        return devices
 
     def invalidate(self, user: str) -> None:
         self._cache.pop(user, None)

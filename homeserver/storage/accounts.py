@@ -8,7 +8,10 @@ from sqlalchemy import Connection, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from homeserver.storage.db import Database
-from homeserver.storage.models import Account, AccountExists, Invite, InviteExists, InviteInvalid
+from homeserver.storage.devices import _add_device, _put_device_list
+from homeserver.storage.models import (
+    Account, AccountExists, DeviceState, Invite, InviteExists, InviteInvalid, NewAccount,
+)
 from homeserver.storage.schema import accounts, invites
 
 
@@ -72,6 +75,17 @@ class AccountRepository:
 
     def __init__(self, db: Database) -> None:
         self._db = db
+
+    async def register(self, new: NewAccount, now_ms: int) -> None:
+        """Account, first (active) device and first device list in one write op."""
+
+        def op(conn: Connection) -> None:
+            _create_account(conn, new.user, new.password_hash, new.master_key, now_ms, new.invite_token_hash)
+            _add_device(conn, new.user, new.device_id, new.identity_key, DeviceState.ACTIVE, now_ms)
+            _put_device_list(conn, new.user, new.list_version, new.list_body, new.list_signature,
+                             frozenset({new.device_id}), now_ms)
+
+        await self._db.write(op)
 
     async def create_account(self, user: str, password_hash: str, master_key: bytes,
                              now_ms: int, invite_token_hash: bytes | None = None) -> None:

@@ -19,6 +19,7 @@ import trio
 
 from homeserver.storage.accounts import invite_id_for
 from homeserver.storage.models import (
+    NewAccount,
     Completion,
     Done,
     CLAIMED_PREKEY_TTL_MS,
@@ -109,6 +110,15 @@ class _State:
 class MemoryAccountRepository:
     def __init__(self, state: _State) -> None:
         self._s = state
+
+    async def register(self, new: NewAccount, now_ms: int) -> None:
+        # create_account is the only step that can fail for a new user; the others
+        # follow without a checkpoint in between, so this is atomic too.
+        await self.create_account(new.user, new.password_hash, new.master_key, now_ms, new.invite_token_hash)
+        self._s.devices[(new.user, new.device_id)] = Device(new.user, new.device_id, new.identity_key,
+                                                            DeviceState.ACTIVE, now_ms)
+        self._s.device_lists[new.user] = StoredDeviceList(new.user, new.list_version, new.list_body,
+                                                          new.list_signature, now_ms)
 
     async def create_account(self, user: str, password_hash: str, master_key: bytes,
                              now_ms: int, invite_token_hash: bytes | None = None) -> None:

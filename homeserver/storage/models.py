@@ -159,9 +159,25 @@ class SchemaTooNew(RuntimeError):
 # --- the repository interfaces (implemented by SQL and by the in-memory fake) -------------------
 
 
+@dataclass(frozen=True, slots=True)
+class NewAccount:
+    """Everything registration stores, written in ONE transaction (no half-registered accounts)."""
+
+    user: str
+    password_hash: str
+    master_key: bytes
+    device_id: str
+    identity_key: bytes
+    list_version: int
+    list_body: bytes
+    list_signature: bytes
+    invite_token_hash: bytes | None = None
+
+
 class AccountStore(Protocol):
     async def create_account(self, user: str, password_hash: str, master_key: bytes,
                              now_ms: int, invite_token_hash: bytes | None = None) -> None: ...
+    async def register(self, new: NewAccount, now_ms: int) -> None: ...
     async def get_account(self, user: str) -> Account | None: ...
     async def list_accounts(self) -> list[Account]: ...
     async def set_disabled(self, user: str, disabled: bool) -> bool: ...

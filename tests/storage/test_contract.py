@@ -427,3 +427,23 @@ async def test_expire(storage: Storage) -> None:
     assert [i.note for i in await storage.accounts.list_invites()] == ["long"]
     assert (await mb.expire(100 + CLAIM_TTL))["claimed_prekeys"] == 1
     assert await mb.counts() == {"entries": 1, "blobs": 1}
+
+
+async def test_register_writes_account_device_and_list_together(storage: Storage) -> None:
+    from homeserver.storage.models import NewAccount
+    new = NewAccount("reg@example.org", "hash", b"m" * 32, "DEVICEAAAA", b"i" * 32, 1, b"body", b"s" * 64)
+    await storage.accounts.register(new, 5)
+    assert (await storage.accounts.get_account("reg@example.org")) is not None
+    (device,) = await storage.devices.list_devices("reg@example.org")
+    assert device.state == DeviceState.ACTIVE
+    assert (await storage.devices.get_device_list("reg@example.org")).version == 1
+    with pytest.raises(AccountExists):
+        await storage.accounts.register(NewAccount("reg@example.org", "h2", b"n" * 32, "DEVICEBBBB", b"j" * 32,
+                                                   1, b"b2", b"t" * 64), 6)
+    assert [d.device_id for d in await storage.devices.list_devices("reg@example.org")] == ["DEVICEAAAA"]
+    with pytest.raises(InviteInvalid):
+        await storage.accounts.register(NewAccount("other@example.org", "h", b"o" * 32, "DEVICECCCC", b"k" * 32,
+                                                   1, b"b", b"u" * 64, invite_token_hash=b"x" * 32), 7)
+    assert await storage.accounts.get_account("other@example.org") is None
+    assert await storage.devices.list_devices("other@example.org") == []
+    assert await storage.devices.get_device_list("other@example.org") is None
