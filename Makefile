@@ -30,6 +30,7 @@ test: $(VENV)/.installed-test
 	$(PY) -m pytest
 
 bench: $(VENV)/.installed
+	$(PY) bench/crypto.py
 	$(PY) bench/relay.py
 
 conformance: $(VENV)/.installed

@@ -232,17 +232,108 @@ def test_state_serialises_mid_conversation():
     assert "rk" not in repr(bob2) and bob2.root_key.hex() not in repr(bob2)
 
 
-def test_state_bad_bytes():
-    alice, _, _ = make_pair()
-    with pytest.raises(MalformedMessage):
-        RatchetState.from_bytes(b"\xc1")
-    wire = alice.to_wire()
+def _state_with_everything():
+    """A state with all three chains, old ratchet keys and skipped keys of two chains."""
+    alice, bob, rng = make_pair(b"full state")
+    for round_ in range(3):
+        held = [alice.encrypt(bytes([round_, i]), AD) for i in range(4)]
+        bob.decrypt(held[-1], AD, T0 + round_, rng)          # skips 3 keys of this chain
+        alice.decrypt(bob.encrypt(b"reply", AD), AD, T0, rng)
+    return alice, bob, rng
+
+
+def _legacy_map(state):
+    """The version-1 map of ``state`` (what earlier releases stored), rebuilt from the v2 bytes."""
+    raw = state.to_bytes()
+    fixed = ratchet._STATE_FIXED
+    (_, flags, dhs, dhs_pub, rk, dhr, cks, ckr, ns, nr, pn, n_old, _) = fixed.unpack_from(raw)
+    old = [raw[fixed.size + 32 * i:fixed.size + 32 * (i + 1)] for i in range(n_old)]
+    skipped = [list(e) for e in ratchet._SKIPPED_ENTRY.iter_unpack(raw[fixed.size + 32 * n_old:])]
+    return {"v": 1, "dhs": dhs, "dhs_pub": dhs_pub, "dhr": dhr if flags & 1 else None, "rk": rk,
+            "cks": cks if flags & 2 else None, "ckr": ckr if flags & 4 else None, "ns": ns, "nr": nr, "pn": pn,
+            "skipped": skipped, "old_dhr": old}
+
+
+def test_state_layout_round_trips_exactly():
+    _, bob, _ = _state_with_everything()
+    raw = bob.to_bytes()
+    assert raw[0] == ratchet.STATE_VERSION == 2
+    assert bob.skipped_count == 9
+    assert len(raw) == ratchet._STATE_FIXED.size + 32 * 2 + ratchet._SKIPPED_ENTRY.size * 9
+    again = RatchetState.from_bytes(raw)
+    assert again.to_bytes() == raw
+    assert (again.root_key, again.counters, again.skipped_count) == (bob.root_key, bob.counters, 9)
+    assert RatchetState.from_wire(bob.to_wire()).to_bytes() == raw
+    # a fresh responder has no chains and no remote key: all three flags clear
+    _, fresh_bob, _ = make_pair()
+    fresh = fresh_bob.to_bytes()
+    assert fresh[1] == 0 and len(fresh) == ratchet._STATE_FIXED.size
+    assert RatchetState.from_bytes(fresh).to_bytes() == fresh
+
+
+def test_legacy_version_1_map_still_loads():
+    alice, bob, rng = _state_with_everything()
+    legacy = codec.encode(_legacy_map(bob))
+    for loaded in (RatchetState.from_bytes(legacy), RatchetState.from_wire(_legacy_map(bob))):
+        assert loaded.to_bytes() == bob.to_bytes()              # migrates to version 2 on the next write
+    held = alice.encrypt(b"after migration", AD)
+    assert RatchetState.from_bytes(legacy).decrypt(held, AD, T0, rng) == b"after migration"
     with pytest.raises(UnsupportedVersion):
-        RatchetState.from_bytes(codec.encode({**wire, "v": 2}))
+        RatchetState.from_bytes(codec.encode({**_legacy_map(bob), "v": 3}))
     for bad in ({"rk": b"short"}, {"dhr": b"x" * 31}, {"skipped": [[b"x" * 32, -1, b"k" * 32, 0]]},
-                {"ns": -1}, {"old_dhr": [b"short"]}):
+                {"ns": -1}, {"ns": 2**33}, {"old_dhr": [b"short"]}):
         with pytest.raises(MalformedMessage):
-            RatchetState.from_bytes(codec.encode({**wire, **bad}))
+            RatchetState.from_bytes(codec.encode({**_legacy_map(bob), **bad}))
+    with pytest.raises(MalformedMessage):
+        RatchetState.from_bytes(b"\x81\xc1")                     # a map marker, then garbage
+    with pytest.raises(MalformedMessage):
+        RatchetState.from_wire("not a state")
+
+
+def test_state_bad_bytes():
+    _, bob, _ = _state_with_everything()
+    raw = bob.to_bytes()
+    fixed = ratchet._STATE_FIXED.size
+    for bad in (b"", bytearray(raw), raw[:1], raw[:fixed - 1], raw[:-1], raw + b"\x00"):
+        with pytest.raises(MalformedMessage):
+            RatchetState.from_bytes(bad)
+    for version in (0, 1, 3, 0x7F, 0xC1, 0xFF):
+        with pytest.raises(UnsupportedVersion):
+            RatchetState.from_bytes(bytes([version]) + raw[1:])
+
+    def patched(offset, value):
+        return raw[:offset] + value + raw[offset + len(value):]
+
+    counters_at = 2 + 6 * 32
+    bad_states = [
+        patched(1, b"\x08"),                                  # unknown flag bit
+        patched(1, b"\x06"),                                  # DHr flagged absent, but its filler is not zero
+        patched(counters_at, (2**32 + 1).to_bytes(8, "big")),  # Ns beyond an exhausted chain
+        patched(counters_at + 25, (2_001).to_bytes(2, "big")),  # too many skipped keys
+        patched(counters_at + 25, (8).to_bytes(2, "big")),     # count disagrees with the length
+    ]
+    first_skipped = fixed + 32 * 2
+    entry = ratchet._SKIPPED_ENTRY.size
+    # 17 old ratchet keys, with the length to match
+    bad_states.append(patched(counters_at + 24, b"\x11")[:first_skipped] + bytes(32 * 15) + raw[first_skipped:])
+    bad_states.append(raw[:first_skipped + entry] + raw[first_skipped:first_skipped + entry]
+                      + raw[first_skipped + 2 * entry:])     # the same skipped key twice
+    for bad in bad_states:
+        with pytest.raises(MalformedMessage):
+            RatchetState.from_bytes(bad)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_any_truncation_or_extension_is_rejected(data):
+    _, bob, _ = _state_with_everything()
+    raw = bob.to_bytes()
+    cut = data.draw(st.integers(0, len(raw) - 1))
+    with pytest.raises(MalformedMessage):
+        RatchetState.from_bytes(raw[:cut] if cut else b"")
+    extra = data.draw(st.binary(min_size=1, max_size=100))
+    with pytest.raises(MalformedMessage):
+        RatchetState.from_bytes(raw + extra)
 
 
 @pytest.mark.parametrize("length", [0, 10, 40, 87, 88 + 1, 88 + 15, 88 + 17])
