@@ -22,7 +22,7 @@ from federation.errors import SecureChatError
 from homeserver.clock import wall_clock_ms
 from homeserver.config import Config, ConfigError, load_config, render_config
 from homeserver.logs import setup_logging
-from homeserver.server_keys import load_keys, new_server_key, write_keys
+from homeserver.server_keys import current_key, load_keys, new_server_key, rotate_keys, write_keys
 
 DAY_MS = 86_400_000
 
@@ -152,6 +152,37 @@ def cmd_device(args: argparse.Namespace) -> int:
     return _with_storage(config, work)
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    """Rotate or list the server signing keys; a running server picks up a rotation on restart."""
+    config = load_config(args.config)
+    keys = load_keys(config.signing_key_file)
+    now = wall_clock_ms()
+    if args.action == "rotate":
+        keys = rotate_keys(keys, now, lifetime_ms=args.days * DAY_MS)
+        write_keys(config.signing_key_file, keys)
+        print(f"new signing key {keys[-1].key_id}, valid until {_ms(keys[-1].valid_until_ms)} UTC")
+        print("older keys stay published until they expire; restart the server to sign with the new key")
+        return 0
+    try:
+        signing = current_key(keys, now).key_id
+    except ConfigError:
+        signing = None
+    for key in sorted(keys, key=lambda k: k.valid_from_ms):
+        if key.key_id == signing:
+            state = "signing"
+        elif key.valid_until_ms <= now:
+            state = "expired"
+        elif key.valid_from_ms > now:
+            state = "not yet valid"
+        else:
+            state = "published"
+        print(f"{key.key_id}  {_ms(key.valid_from_ms)} .. {_ms(key.valid_until_ms)} UTC  {state}")
+    if signing is None:
+        print("no key is valid now: run 'securechat-server keys rotate'", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="securechat-server", description="SecureChat homeserver")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -190,6 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("device_id", nargs="?")
     p.add_argument("--config", required=True)
     p.set_defaults(func=cmd_device)
+
+    p = sub.add_parser("keys", help="rotate or list the server signing keys")
+    p.add_argument("action", choices=["rotate", "list"])
+    p.add_argument("--config", required=True)
+    p.add_argument("--days", type=int, default=365, help="lifetime of a new key (default 365)")
+    p.set_defaults(func=cmd_keys)
     return parser
 
 

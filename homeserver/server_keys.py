@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from homeserver.config import ConfigError
 
 YEAR_MS = 365 * 86_400_000
+KEY_GRACE_MS = 7 * 86_400_000   # an expired key stays in the key file this long after its window ends
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,3 +88,22 @@ def current_key(keys: list[ServerKey], now_ms: int) -> ServerKey:
     if not valid:
         raise ConfigError("no server signing key is valid now: rotate keys")
     return max(valid, key=lambda k: k.valid_from_ms)
+
+
+def rotate_keys(keys: list[ServerKey], now_ms: int, lifetime_ms: int = YEAR_MS,
+                overlap_ms: int = KEY_GRACE_MS) -> list[ServerKey]:
+    """Add a key valid from ``now_ms``; keep the others with their windows unchanged.
+
+    Old keys stay published (and verifiable) until their own windows end, so envelopes
+    signed before the rotation still verify.  Keys whose window ended more than
+    ``overlap_ms`` ago are dropped from the file.  The new key signs from now on
+    (``current_key`` picks the newest valid key).
+    """
+    if lifetime_ms <= 0 or overlap_ms < 0:
+        raise ConfigError("key lifetime must be positive and the overlap not negative")
+    kept = [k for k in keys if k.valid_until_ms + overlap_ms > now_ms]
+    taken = {k.key_id for k in keys}
+    new = new_server_key(now_ms, lifetime_ms)
+    while new.key_id in taken:
+        new = new_server_key(now_ms, lifetime_ms)
+    return [*kept, new]
