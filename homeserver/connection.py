@@ -53,7 +53,6 @@ class Session:
     outbox: trio.MemorySendChannel[bytes]
     user: str | None = None
     device_id: str | None = None
-    pending: bool = False                  # a device created by login, not yet in a list
     closing: bool = False
     nursery: trio.Nursery | None = None    # connection-scoped tasks (delivery) run here
     close_code: tuple[int, str] | None = None

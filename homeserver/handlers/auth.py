@@ -89,7 +89,6 @@ class AuthHandler:
                        {"domain": self.domain, "device": device_text, "nonce": nonce, "ts_ms": ts_ms}, signature)
         session.user = user
         session.device_id = device.device_id
-        session.pending = stored.state is DeviceState.PENDING
         previous = self.directory.attach(session.device, session)
         if previous is not None:
             await previous.close(CLOSE_REPLACED, "replaced by a newer connection of this device")

@@ -180,7 +180,12 @@ class MailboxHandler:
         # The sender's own user is always a recipient: every send also reaches
         # the sender's other devices, so they stay in sync (DESIGN §4 multi-device).
         by_user.setdefault(session.user or "", set())
-        if session.pending and set(by_user) != {session.user}:
+        # The sender's state is read now, not at auth: a device approved while
+        # connected may send to others at once.
+        own_devices = await self.directory.devices_of(session.user or "")
+        sender = own_devices.get(session.device_id or "")
+        sender_pending = sender is None or sender.state is not DeviceState.ACTIVE
+        if sender_pending and set(by_user) != {session.user}:
             raise RequestRejected("a pending device may only send to its own user's devices",
                                   code=ErrorCode.FORBIDDEN)
         stale: dict[str, dict[str, list[str]]] = {}

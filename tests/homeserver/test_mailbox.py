@@ -176,3 +176,21 @@ async def test_offline_for_hours_then_delivered_and_expired_after_ttl(config, au
         await trio.sleep(31 * 86400)
         await running.homeserver.housekeep_once()
         assert (await running.homeserver.storage.mailboxes.counts())["entries"] == 0
+
+
+async def test_device_approved_while_connected_may_send_at_once(config):
+    async with running_server(config) as (_, network):
+        alice = (await _user_with_devices(network, 0))[0]
+        user = throwaway_user(DOMAIN)
+        async with connect(network) as rpc:
+            bob = await register(rpc, user)
+            phone = await login(rpc, user)
+        async with connect(network) as phone_rpc, connect(network) as bob_rpc:
+            await authenticate(phone_rpc, phone, DOMAIN)
+            with pytest.raises(RemoteError) as exc:
+                await phone_rpc.request("send", message_id="early", payloads=payloads_for([alice, bob]))
+            assert exc.value.code == ErrorCode.FORBIDDEN
+            await authenticate(bob_rpc, bob, DOMAIN)
+            await bob_rpc.request("put_device_list", device_list=bob.device_list([bob, phone]).to_wire())
+            ok = await phone_rpc.request("send", message_id="now", payloads=payloads_for([alice, bob]))
+            assert ok["duplicate"] is False

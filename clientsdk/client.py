@@ -1,0 +1,577 @@
+"""The trio client: one device of one user, with its encrypted store.
+
+    client = await Client.register(path, "alice@example.org", password, connect=connector, passphrase=pp)
+    async with client.connect():
+        await client.send("bob@example.org", "hi")
+        async for event in client.events():
+            ...
+
+Why it is shaped this way: the crypto core is sans-I/O (``clientsdk.crypto``);
+this module is the edge that owns the connection (signed challenge auth,
+reconnect with backoff and jitter), the store (one thread hop per batch) and the
+events.  Every ratchet step is persisted before its ciphertext leaves, and an
+envelope is acknowledged only after its event and the new session state are
+stored, so a crash loses nothing and never reuses a message key.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, Self
+
+import trio
+
+from clientsdk.account import Account, ClientOptions
+from clientsdk.connection import CLOSE_REPLACED, CLOSE_REVOKED, Connector
+from clientsdk.contacts import Contact
+from clientsdk.content import TEXT, Content
+from clientsdk.crypto.errors import CryptoError
+from clientsdk.crypto.identity import (
+    DeviceIdentity, MasterKey, PrekeyStore, VerifiedDeviceList, add_device, needs_resign, new_device_list,
+    resign_device_list,
+)
+from clientsdk.crypto.primitives import ct_equal
+from clientsdk.crypto.session import Session
+from clientsdk.devicelists import ContactBook
+from clientsdk.inbox import InboxMixin
+from clientsdk.errors import NotConnected, NotMasterDevice, SdkError, SendFailed, StoreCorrupted
+from clientsdk.events import ConnectionChanged, Event, MessageReceived, SecurityEvent
+from clientsdk.sessions import SessionBook, verified_bundle
+from clientsdk.store import Batch, HistoryEntry, Store
+from clientsdk.upkeep import plan_prekey_upload
+from federation import signing
+from federation.addresses import DeviceAddress, UserAddress, new_device_id
+from federation.errors import ErrorCode
+from federation.keys import BadBundle, DeviceEntry, SignedDeviceList
+from federation.rpc import RemoteError, RpcClient, open_rpc
+from federation.signing import Purpose
+from federation.transport import TransportClosed
+
+log = logging.getLogger(__name__)
+
+MessageHandler = Callable[[MessageReceived], Awaitable[None]]
+
+PROCESSED_KEEP_MS = 31 * 86_400_000            # dedupe keys outlive the server's redelivery window
+MAX_STALE_RETRIES = 4
+ENVELOPE_BATCH = 100
+MAINTENANCE_INTERVAL_S = 6 * 3600
+DEFAULT_OPTIONS = ClientOptions()
+
+
+def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
+
+
+def _new_message_id() -> str:
+    return secrets.token_hex(16)
+
+
+class Client(InboxMixin):
+    """One device's view of the world.  Create with ``register``, ``login`` or ``open``."""
+
+    def __init__(self, store: Store, account: Account, prekeys: PrekeyStore, *, connector: Connector | None,
+                 options: ClientOptions) -> None:
+        self._store = store
+        self.user = account.user
+        self.device_id = account.device_id
+        self.address = UserAddress.parse(account.user).device(account.device_id)
+        self._identity = account.identity
+        self._master = account.master
+        self._account = account
+        self._prekeys = prekeys
+        self._connector = connector
+        self._options = options
+        self._clock = options.clock
+        self._sessions = SessionBook()
+        self._book = ContactBook(self.user, self._emit)
+        self._lock = trio.Lock()                 # serialises every change of crypto state
+        self._store_limiter = trio.CapacityLimiter(1)
+        self._rpc: RpcClient | None = None
+        self._connected = trio.Event()
+        self._event_send, self._event_receive = trio.open_memory_channel[Event](math.inf)
+        self._handlers: list[MessageHandler] = []
+        self.revoked = False
+        self._store_path: Path | None = None
+        self._auth_state = "active"
+        self._running = False
+        self._stopping = False
+
+    def __repr__(self) -> str:
+        return f"Client({self.address}, master={self._master is not None})"
+
+    @property
+    def identity_key(self) -> bytes:
+        """This device's public identity key (what a linking code carries to the master device)."""
+        return self._identity.public_key
+
+    @property
+    def is_master(self) -> bool:
+        return self._master is not None
+
+    # --- creating and opening -------------------------------------------------------------
+
+    @classmethod
+    async def register(cls, store_path: str | Path, user: str, password: str, *, connect: Connector,
+                       store_key: bytes | None = None, passphrase: str | None = None,
+                       options: ClientOptions = DEFAULT_OPTIONS, invite: str | None = None) -> Client:
+        """Create the account and its first device, which holds the master key (device list v1)."""
+        master = MasterKey.generate()
+        client = await cls._create(store_path, user, master, connect, store_key, passphrase, options)
+        now = client._clock()
+        signed = new_device_list(master, client.user, [DeviceEntry(client.device_id, client.identity_key, now)], now)
+        client._book.set_own(master.public_key, signed)
+        params: dict[str, Any] = {"user": client.user, "password": password, "master_key": master.public_key,
+                                  "device_id": client.device_id, "identity_key": client.identity_key,
+                                  "device_list": signed.to_wire()}
+        if invite is not None:
+            params["invite"] = invite
+        await client._enrol("register", params, Batch(contacts={client.user: client._book.record(client.user)}))
+        return client
+
+    @classmethod
+    async def login(cls, store_path: str | Path, user: str, password: str, *, connect: Connector,
+                    store_key: bytes | None = None, passphrase: str | None = None,
+                    options: ClientOptions = DEFAULT_OPTIONS) -> Client:
+        """Add a *pending* device by password; it becomes current once the master device approves it."""
+        client = await cls._create(store_path, user, None, connect, store_key, passphrase, options)
+        await client._enrol("login", {"user": client.user, "password": password, "device_id": client.device_id,
+                                      "identity_key": client.identity_key}, Batch())
+        return client
+
+    @classmethod
+    async def open(cls, store_path: str | Path, *, store_key: bytes | None = None, passphrase: str | None = None,
+                   connect: Connector | None = None, options: ClientOptions = DEFAULT_OPTIONS) -> Client:
+        """Load an existing device from its store: the same device, with the same sessions (LESSONS #11)."""
+        store = await trio.to_thread.run_sync(lambda: Store.open(store_path, store_key=store_key,
+                                                                 passphrase=passphrase))
+        try:
+            snapshot = await trio.to_thread.run_sync(store.load)
+            account, prekeys = Account.from_kv(snapshot.kv)
+            client = cls(store, account, prekeys, connector=connect, options=options)
+            try:
+                for device, state in snapshot.sessions.items():
+                    client._sessions.load(device, state)
+            except CryptoError:
+                raise StoreCorrupted("a stored session does not parse") from None
+            for user, record in snapshot.contacts.items():
+                client._book.contacts[user] = Contact.from_record(user, record)
+        except BaseException:
+            store.close()
+            raise
+        return client
+
+    @classmethod
+    async def _create(cls, store_path: str | Path, user: str, master: MasterKey | None, connect: Connector,
+                      store_key: bytes | None, passphrase: str | None, options: ClientOptions) -> Client:
+        account = Account(str(UserAddress.parse(user)), new_device_id(), DeviceIdentity.generate(), master)
+        store = await trio.to_thread.run_sync(lambda: Store.create(store_path, store_key=store_key,
+                                                                   passphrase=passphrase, kdf=options.kdf))
+        client = cls(store, account, PrekeyStore(), connector=connect, options=options)
+        client._store_path = Path(store_path)
+        return client
+
+    async def _enrol(self, op: str, params: dict[str, Any], batch: Batch) -> None:
+        """Register or log in, persist the new device, authenticate and upload its prekeys."""
+        uploads = self._prekeys.build_uploads(self._identity, self._clock(),
+                                              one_time_count=self._options.one_time_prekeys)
+        batch.kv.update(self._account.to_kv(self._prekeys))
+        connector = self._connector
+        enrolled = False
+        try:
+            if connector is None:
+                raise NotConnected("register and login need a connector")
+            async with trio.open_nursery() as nursery:
+                transport = await connector(nursery)
+                async with open_rpc(transport) as rpc:
+                    await rpc.request(op, **params)
+                    enrolled = True
+                    await self._persist(batch)
+                    await self._authenticate(rpc)
+                    await rpc.request("upload_keys", signed_prekey=uploads.signed_prekey.to_wire(),
+                                      pq_prekeys=[uploads.pq_last_resort.to_wire()],
+                                      one_time_prekeys=[k.to_wire() for k in uploads.one_time_prekeys])
+                nursery.cancel_scope.cancel()
+        except BaseException:
+            self._store.close()
+            if not enrolled and self._store_path is not None:
+                # Nothing exists on the server: remove the fresh store so the user can simply retry.
+                for suffix in ("", "-wal", "-shm"):
+                    Path(str(self._store_path) + suffix).unlink(missing_ok=True)
+            raise
+
+    async def aclose(self) -> None:
+        """Close the store (the connection ends with ``connect()``'s block)."""
+        async with self._lock:
+            await trio.to_thread.run_sync(self._store.close, limiter=self._store_limiter)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # --- store -------------------------------------------------------------------------------
+
+    async def _persist(self, batch: Batch) -> None:
+        now = self._clock()
+        await trio.to_thread.run_sync(self._store.apply, batch, now, limiter=self._store_limiter)
+
+    async def history(self, conversation: str, limit: int = 100) -> list[HistoryEntry]:
+        """The stored messages of a 1:1 conversation (decrypted from the store), oldest first."""
+        return await trio.to_thread.run_sync(self._store.history, conversation, limit, limiter=self._store_limiter)
+
+    # --- connection --------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def connect(self, connector: Connector | None = None) -> AsyncIterator[Client]:
+        """Stay connected (reconnecting with backoff) for the block; enters once authenticated."""
+        connector = connector or self._connector
+        if connector is None:
+            raise NotConnected("no connector given")
+        if self._running:
+            raise NotConnected("this client is already connected")
+        self._running = True
+        self._stopping = False
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self._connection_loop, connector, nursery)
+                try:
+                    yield self
+                finally:
+                    self._stopping = True
+                    rpc = self._rpc
+                    if rpc is not None:
+                        # Close while the transport's reader still runs, so the close handshake completes.
+                        with trio.CancelScope(shield=True):
+                            await rpc.transport.aclose()
+                    nursery.cancel_scope.cancel()
+        finally:
+            self._running = False
+
+    async def _connection_loop(self, connector: Connector, transport_nursery: trio.Nursery,
+                               task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect, authenticate, pump; on loss, back off (with jitter) and do it again.
+
+        Transports' own tasks (a WebSocket reader) live in ``transport_nursery``, which
+        outlives each connection, so a close handshake can complete even when this
+        connection's tasks are torn down by an error.
+        """
+        attempt = 0
+        started = False
+        while True:
+            close_code: int | None = None
+            try:
+                async with trio.open_nursery() as conn_nursery:
+                    transport = await connector(transport_nursery)
+                    async with open_rpc(transport) as rpc:
+                        auth = await self._authenticate(rpc)
+                        attempt = 0
+                        self._rpc = rpc
+                        self._connected.set()
+                        self._emit(ConnectionChanged(True))
+                        await self._after_connect(rpc, auth)
+                        if not started:
+                            started = True
+                            task_status.started()
+                        conn_nursery.start_soon(self._maintenance, rpc)
+                        await self._pump(rpc)
+                        close_code = rpc.close_code
+                    conn_nursery.cancel_scope.cancel()
+            except* TransportClosed as group:
+                close_code = next((e.code for e in _leaves(group) if isinstance(e, TransportClosed)), None)
+                log.info("connection of %s closed (code %s)", self.address, close_code)
+            except* (RemoteError, SdkError, trio.BrokenResourceError, trio.ClosedResourceError) as group:
+                log.info("connection of %s lost: %s", self.address,
+                         ", ".join(type(e).__name__ for e in _leaves(group)))
+            finally:
+                if self._rpc is not None:
+                    self._rpc = None
+                    self._connected = trio.Event()
+                    self._emit(ConnectionChanged(False))
+            if self._stopping:
+                return
+            if close_code in (CLOSE_REVOKED, CLOSE_REPLACED) or self.revoked:
+                self.revoked = self.revoked or close_code == CLOSE_REVOKED
+                if not started:
+                    task_status.started()
+                return
+            await trio.sleep(self._options.backoff.delay(attempt))
+            attempt += 1
+
+    async def _authenticate(self, rpc: RpcClient) -> dict[str, Any]:
+        """Signed challenge (DESIGN §5): nothing reusable crosses the wire."""
+        challenge = await rpc.request("challenge")
+        domain = challenge.get("domain")
+        if domain != self.address.domain:
+            raise SendFailed("the server does not serve this account's domain", code="unknown_domain")
+        fields = {"domain": domain, "device": str(self.address), "nonce": challenge["nonce"],
+                  "ts_ms": challenge["now_ms"]}
+        answer = await rpc.request("auth", **fields,
+                                   sig=signing.sign(self._identity.signing_key, Purpose.C2S_AUTH, fields))
+        self._auth_state = str(answer.get("state", "active"))
+        return answer
+
+    async def _wait_rpc(self) -> RpcClient:
+        while self._rpc is None:
+            if self.revoked:
+                raise NotConnected("this device was revoked")
+            if not self._running:
+                raise NotConnected("use 'async with client.connect():' first")
+            await self._connected.wait()
+        return self._rpc
+
+    async def _after_connect(self, rpc: RpcClient, auth: dict[str, Any]) -> None:
+        """Housekeeping on every connect: prekeys topped up, signed prekey rotated, own list re-signed."""
+        counts = auth.get("prekeys") or {}
+        await self._top_up_prekeys(rpc, int(counts.get("one_time", 0)))
+        if self._master is not None:
+            own = self._book.current(self.user)
+            if own is not None and needs_resign(own.device_list, self._clock()):
+                await self._publish_own_list(rpc, resign_device_list(self._master, own.device_list, self._clock()))
+        cutoff = self._clock() - PROCESSED_KEEP_MS
+        await trio.to_thread.run_sync(self._store.prune_processed, cutoff, limiter=self._store_limiter)
+
+    async def _maintenance(self, rpc: RpcClient) -> None:
+        """While connected: rotate the signed prekey and re-sign my list when they age (trio.sleep: MockClock)."""
+        while True:
+            await trio.sleep(MAINTENANCE_INTERVAL_S)
+            counts = await rpc.request("key_count")
+            await self._after_connect(rpc, {"prekeys": counts})
+
+    async def _top_up_prekeys(self, rpc: RpcClient, one_time_count: int) -> None:
+        async with self._lock:
+            params = plan_prekey_upload(self._prekeys, self._identity, self._clock(), one_time_count,
+                                        self._options.one_time_prekeys)
+            if params is None:
+                return
+            await self._persist(Batch(kv={"prekeys": self._prekeys.to_bytes()}))   # private halves first
+        await rpc.request("upload_keys", **params)
+
+    async def _pump(self, rpc: RpcClient) -> None:
+        """Route pushes until the connection ends: envelopes in batches, then keys and lists."""
+        while True:
+            try:
+                push = await rpc.pushes.receive()
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                return
+            if push.kind == "envelope":
+                batch = [push]
+                while len(batch) < ENVELOPE_BATCH:
+                    try:
+                        nxt = rpc.pushes.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                    if nxt.kind != "envelope":
+                        await self._handle_envelopes(rpc, batch)
+                        batch = []
+                        await self._handle_push(rpc, nxt)
+                        continue
+                    batch.append(nxt)
+                if batch:
+                    await self._handle_envelopes(rpc, batch)
+            else:
+                await self._handle_push(rpc, push)
+
+    async def _handle_push(self, rpc: RpcClient, push: Any) -> None:
+        fields = push.fields
+        if push.kind == "prekeys_low":
+            await self._top_up_prekeys(rpc, int(fields.get("one_time", 0)))
+        elif push.kind == "device_list_changed":
+            self._book.mark_stale(str(fields.get("user", "")))
+        elif push.kind == "device_revoked":
+            self.revoked = True
+            self._emit(SecurityEvent("device_revoked", self.user, str(self.address), "this device was revoked"))
+
+    # --- events ----------------------------------------------------------------------------
+
+    def _emit(self, event: Event) -> None:
+        self._event_send.send_nowait(event)
+
+    def events(self) -> trio.MemoryReceiveChannel[Event]:
+        """Every event, in order (``async for event in client.events()``); messages are stored first.
+
+        A channel rather than a generator: breaking out of the loop and iterating
+        again later loses nothing and leaves no generator to finalise.
+        """
+        return self._event_receive
+
+    def on_message(self, handler: MessageHandler) -> MessageHandler:
+        """Decorator for bots: ``@client.on_message`` ``async def reply(event): ...``."""
+        self._handlers.append(handler)
+        return handler
+
+    async def run(self, connector: Connector | None = None) -> None:
+        """Connect and call the ``on_message`` handlers for every incoming message, forever."""
+        async with self.connect(connector):
+            async for event in self.events():
+                if isinstance(event, MessageReceived) and not event.outgoing:
+                    for handler in self._handlers:
+                        await handler(event)
+
+    # --- device lists ------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _locked(self, have_lock: bool) -> AsyncIterator[None]:
+        if have_lock:
+            yield
+        else:
+            async with self._lock:
+                yield
+
+    async def _device_list(self, rpc: RpcClient, user: str, *, force: bool = False,
+                           have_lock: bool = False) -> VerifiedDeviceList:
+        """The verified current list of ``user``: cached, or fetched and checked by the contact book."""
+        cached = self._book.fresh(user)
+        if cached is not None and not force:
+            return cached
+        answer = await rpc.request("get_device_list", user=user)
+        outcome = self._book.accept(user, answer, self._clock())
+        if outcome.changed:
+            batch = Batch(contacts={user: self._book.record(user)})
+            async with self._locked(have_lock):
+                for device_id in outcome.removed:
+                    address = f"{user}/{device_id}"
+                    if self._sessions.drop(address):
+                        batch.deleted_sessions.add(address)
+                await self._persist(batch)
+        return outcome.current
+
+    async def _publish_own_list(self, rpc: RpcClient, signed: SignedDeviceList) -> None:
+        if self._master is None:
+            raise NotMasterDevice("only the master device signs the device list")
+        await rpc.request("put_device_list", device_list=signed.to_wire())
+        self._book.set_own(self._master.public_key, signed)
+        await self._persist(Batch(contacts={self.user: self._book.record(self.user)}))
+
+    async def approve_device(self, device_id: str, identity_key: bytes | None = None) -> int:
+        """Sign a pending device of my user into the list (master device only); returns the new version.
+
+        ``identity_key`` comes from the new device's linking code when there is one;
+        without it the key the server reports for the pending device is used.
+        """
+        if self._master is None:
+            raise NotMasterDevice("only the master device can approve devices")
+        rpc = await self._wait_rpc()
+        known = {d["id"]: d for d in (await rpc.request("devices"))["devices"]}
+        device = known.get(device_id)
+        if device is None or device.get("state") != "pending":
+            raise SendFailed("no such pending device", code="not_found")
+        if identity_key is not None and not ct_equal(identity_key, device["identity_key"]):
+            raise SendFailed("the server reports another identity key for this device", code="key_mismatch")
+        current = await self._device_list(rpc, self.user, force=True)
+        signed = add_device(self._master, current.device_list, device_id, device["identity_key"], self._clock())
+        await self._publish_own_list(rpc, signed)
+        return current.device_list.version + 1
+
+    # --- sending -----------------------------------------------------------------------------
+
+    async def send(self, to: str, text: str) -> str:
+        """Send ``text`` to every current device of ``to`` and my own other devices; returns the message id."""
+        to = str(UserAddress.parse(to))
+        message_id = _new_message_id()
+        sent_ms = self._clock()
+        first = True
+        stale_rounds = 0
+        while stale_rounds < MAX_STALE_RETRIES:
+            rpc = await self._wait_rpc()
+            try:
+                targets = await self._targets(rpc, to)
+                await self._ensure_sessions(rpc, targets)
+            except TransportClosed:
+                await self._until_replaced(rpc)
+                continue
+            own = self._book.current(self.user)
+            list_version = own.device_list.version if own else 0
+            list_hash = own.signed.digest if own else bytes(32)
+            plaintext = Content(TEXT, message_id, to, text, sent_ms, list_version, list_hash).to_bytes()
+            async with self._lock:
+                payloads = []
+                batch = Batch()
+                for address in targets:
+                    payloads.append({"devices": [address], "ciphertext": self._sessions.encrypt(address, plaintext)})
+                    batch.sessions[address] = self._sessions.state_bytes(address)
+                if first:
+                    batch.messages.append(HistoryEntry(to, str(self.address), message_id, text, sent_ms,
+                                                       sent_ms, True))
+                    first = False
+                await self._persist(batch)          # ratchet steps are durable before ciphertext leaves
+            try:
+                await self._send_op(message_id, payloads)
+                return message_id
+            except RemoteError as exc:
+                if exc.code == ErrorCode.FORBIDDEN and self._auth_state == "pending" \
+                        and await self._listed_now(rpc):
+                    # The server fixes a connection's pending state at auth: re-authenticate as active.
+                    self._auth_state = "active"
+                    await rpc.transport.aclose()
+                    await self._until_replaced(rpc)
+                    stale_rounds += 1
+                    continue
+                if exc.code != ErrorCode.STALE_DEVICES:
+                    raise SendFailed(f"the server refused the message: {exc.code.value}",
+                                     code=exc.code.value) from None
+                stale_rounds += 1
+                for user in (exc.details or {}):
+                    self._book.mark_stale(str(user))
+        raise SendFailed("recipients' devices kept changing; gave up", code="stale_devices")
+
+    async def _send_op(self, message_id: str, payloads: list[dict[str, Any]]) -> None:
+        """One ``send`` op; after a lost connection the very same bytes are retried (idempotent)."""
+        while True:
+            rpc = await self._wait_rpc()
+            try:
+                await rpc.request("send", message_id=message_id, payloads=payloads, ephemeral=False)
+                return
+            except TransportClosed:
+                await self._until_replaced(rpc)
+
+    async def _listed_now(self, rpc: RpcClient) -> bool:
+        """True if my user's current signed list names this device (a pending device got approved)."""
+        own = await self._device_list(rpc, self.user, force=True)
+        return own.device_list.identity_key_of(self.device_id) is not None
+
+    async def _until_replaced(self, rpc: RpcClient) -> None:
+        """Wait until the connection loop has dropped ``rpc`` (after it failed under us)."""
+        while self._rpc is rpc:
+            await trio.sleep(0.05)
+
+    async def _targets(self, rpc: RpcClient, to: str) -> list[str]:
+        mine = await self._device_list(rpc, self.user)
+        out = [f"{self.user}/{d}" for d in sorted(mine.device_list.device_ids()) if d != self.device_id]
+        if to != self.user:
+            theirs = await self._device_list(rpc, to)
+            out += [f"{to}/{d}" for d in sorted(theirs.device_list.device_ids())]
+        return out
+
+    async def _ensure_sessions(self, rpc: RpcClient, targets: list[str]) -> None:
+        """Claim bundles for devices without a session and start PQXDH sessions with them."""
+        wanted: dict[str, list[str]] = {}
+        for address in targets:
+            if not self._sessions.has(address):
+                parsed = DeviceAddress.parse(address)
+                wanted.setdefault(str(parsed.user), []).append(parsed.device_id)
+        for user, device_ids in wanted.items():
+            answer = await rpc.request("claim", user=user, device_ids=device_ids)
+            if answer.get("missing"):
+                raise SendFailed(f"{user} has a device without prekeys", code="no_prekeys")
+            async with self._lock:
+                batch = Batch()
+                for raw in answer.get("bundles", []):
+                    try:
+                        bundle = verified_bundle(raw, self._book.listed_key)
+                    except BadBundle as exc:
+                        self._emit(SecurityEvent("bad_bundle", user, None, exc.message))
+                        raise SendFailed("a recipient's prekey bundle was refused", code="bad_bundle") from None
+                    if self._sessions.has(bundle.device):
+                        continue                  # a session appeared meanwhile (their prekey message)
+                    self._sessions.add(bundle.device, Session.initiate(self._identity, self.address, bundle))
+                    batch.sessions[bundle.device] = self._sessions.state_bytes(bundle.device)
+                await self._persist(batch)

@@ -1,0 +1,69 @@
+"""Errors of the client SDK (the crypto core has its own tree in ``clientsdk.crypto.errors``).
+
+Each error has a stable ``code`` an application can act on; messages never hold
+keys, secrets or plaintext, so they are safe to log and show.
+
+    SdkError
+    ├── StoreError                  the local store cannot be used
+    │   ├── StoreKeyInvalid         wrong passphrase or store key (store_key_invalid)
+    │   ├── StoreCorrupted          a row or the file fails authentication or parsing (store_corrupted)
+    │   ├── StoreVersionUnsupported a schema / row version this SDK does not know (store_unsupported_version)
+    │   ├── StoreExists             register/login refused to overwrite an existing store (store_exists)
+    │   └── StoreMissing            open() on a path without a store (store_missing)
+    ├── NotMasterDevice             an operation that needs the master key on a linked device
+    ├── ContactKeyChanged           a contact's master key differs from the trusted one; sending stops
+    ├── SendFailed                  a send could not complete (code from the server or local cause)
+    └── NotConnected                an operation that needs a connection, outside ``connect()``
+"""
+
+from __future__ import annotations
+
+from clientsdk.crypto.errors import UnsupportedVersion
+
+
+class SdkError(Exception):
+    code = "sdk_error"
+
+
+class StoreError(SdkError):
+    code = "store_error"
+
+
+class StoreKeyInvalid(StoreError):
+    code = "store_key_invalid"
+
+
+class StoreCorrupted(StoreError):
+    code = "store_corrupted"
+
+
+class StoreVersionUnsupported(StoreError, UnsupportedVersion):
+    code = "store_unsupported_version"
+
+
+class StoreExists(StoreError):
+    code = "store_exists"
+
+
+class StoreMissing(StoreError):
+    code = "store_missing"
+
+
+class NotMasterDevice(SdkError):
+    code = "not_master_device"
+
+
+class ContactKeyChanged(SdkError):
+    code = "contact_key_changed"
+
+
+class SendFailed(SdkError):
+    code = "send_failed"
+
+    def __init__(self, message: str, *, code: str = "send_failed") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class NotConnected(SdkError):
+    code = "not_connected"

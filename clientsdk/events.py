@@ -1,0 +1,60 @@
+"""Events that ``Client.events()`` yields: frozen dataclasses, one per kind of happening."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Base of every SDK event."""
+
+
+@dataclass(frozen=True, slots=True)
+class MessageReceived(Event):
+    """A decrypted text message, already stored in history before it is yielded.
+
+    ``conversation`` is the other user of the 1:1 chat: the sender for incoming
+    messages, the recipient for copies of my own messages sent from my other devices
+    (``outgoing`` is then True).
+    """
+
+    conversation: str
+    sender: str               # user address
+    sender_device: str        # device address
+    message_id: str           # the content id (same on every device)
+    text: str
+    sent_ms: int
+    received_ms: int
+    outgoing: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SecurityEvent(Event):
+    """Something the user should know about keys or devices (DESIGN §3, §4).
+
+    ``kind``: ``master_key_changed``, ``device_list_equivocation``,
+    ``device_list_expired``, ``device_list_rejected``, ``decryption_failed``,
+    ``unknown_sender_device``.
+    """
+
+    kind: str
+    user: str
+    device: str | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceListChanged(Event):
+    """A contact's (or my own) verified device list moved to a new version."""
+
+    user: str
+    version: int
+    devices: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionChanged(Event):
+    """The client (re)connected and authenticated, or lost its connection."""
+
+    connected: bool

@@ -1,0 +1,122 @@
+"""The receiving half of the client: envelopes in, events and stored history out.
+
+Why its own module: receiving has the strictest ordering rule of the SDK — decrypt,
+store the new session state, the history entry and the dedupe key in ONE store
+hop, emit the events, and only then acknowledge — and it reads best on its own.
+``Client`` mixes this in; the attributes below are the client's.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from clientsdk.content import Content, content_event
+from clientsdk.crypto.errors import CryptoError
+from clientsdk.crypto.identity import DeviceIdentity, PrekeyStore, VerifiedDeviceList
+from clientsdk.crypto.session import PrekeyMessage, parse_message
+from clientsdk.devicelists import ContactBook
+from clientsdk.errors import SdkError, SendFailed
+from clientsdk.events import Event, MessageReceived, SecurityEvent
+from clientsdk.sessions import NoSession, SessionBook
+from clientsdk.store import Batch, HistoryEntry, Store
+from federation.addresses import DeviceAddress
+from federation.errors import ProtocolError
+from federation.rpc import RemoteError, RpcClient
+
+log = logging.getLogger(__name__)
+
+
+class InboxMixin:
+    user: str
+    address: DeviceAddress
+    _identity: DeviceIdentity
+    _prekeys: PrekeyStore
+    _sessions: SessionBook
+    _book: ContactBook
+    _store: Store
+    _lock: trio.Lock
+    _store_limiter: trio.CapacityLimiter
+    _clock: Callable[[], int]
+
+    def _emit(self, event: Event) -> None: ...                     # provided by Client
+
+    async def _persist(self, batch: Batch) -> None: ...              # provided by Client
+
+    async def _device_list(self, rpc: RpcClient, user: str, *, force: bool = False,
+                           have_lock: bool = False) -> VerifiedDeviceList: ...   # provided by Client
+
+    async def _handle_envelopes(self, rpc: RpcClient, pushes: list[Any]) -> None:
+        """Decrypt a batch, store events and state in one hop, emit, then ack (never before storing)."""
+        keys = [f"{p.fields.get('sender')}|{p.fields.get('message_id')}" for p in pushes]
+        events: list[Event] = []
+        acks: list[int] = []
+        async with self._lock:
+            done = await trio.to_thread.run_sync(self._store.processed, keys, limiter=self._store_limiter)
+            batch = Batch()
+            try:
+                for push, key in zip(pushes, keys):
+                    seq = push.fields.get("seq")
+                    if isinstance(seq, int) and seq > 0:
+                        acks.append(seq)
+                    if key in done or key in batch.processed:
+                        continue
+                    event = await self._receive_one(rpc, push.fields, batch)
+                    batch.processed.add(key)      # only once handled: an interrupted one comes again
+                    if event is not None:
+                        events.append(event)
+            finally:
+                # Even when the connection drops mid-batch, what was decrypted (and moved the
+                # ratchets) is stored, or its redelivery would be a replay and the message lost.
+                batch.kv["prekeys"] = self._prekeys.to_bytes()
+                with trio.CancelScope(shield=True):
+                    await self._persist(batch)
+                for event in events:
+                    self._emit(event)
+        if acks:
+            await rpc.request("ack", seqs=acks)
+
+    async def _receive_one(self, rpc: RpcClient, fields: dict[str, Any], batch: Batch) -> Event | None:
+        sender = fields.get("sender")
+        ciphertext = fields.get("ciphertext")
+        try:
+            if not isinstance(sender, str) or not isinstance(ciphertext, bytes):
+                raise ProtocolError("malformed envelope")
+            sender_address = DeviceAddress.parse(sender)
+            plaintext = await self._decrypt(rpc, sender_address, ciphertext)
+            batch.sessions[sender] = self._sessions.state_bytes(sender)
+            content = Content.from_bytes(plaintext)
+        except (CryptoError, ProtocolError, SdkError, RemoteError) as exc:
+            log.info("undecryptable envelope from %s: %s", sender, type(exc).__name__)
+            return SecurityEvent("decryption_failed", str(sender).partition("/")[0], str(sender),
+                                 "a message could not be decrypted")
+        self._book.note_sender_list(str(sender_address.user), content)
+        event = content_event(content, sender_address, self.user, self._clock())
+        if isinstance(event, MessageReceived):
+            batch.messages.append(HistoryEntry(event.conversation, sender, event.message_id, event.text,
+                                               event.sent_ms, event.received_ms, event.outgoing))
+        return event
+
+    async def _decrypt(self, rpc: RpcClient, sender: DeviceAddress, ciphertext: bytes) -> bytes:
+        message = parse_message(ciphertext)
+        plaintext = self._sessions.decrypt_existing(str(sender), message, self._clock())
+        if plaintext is None and isinstance(message, PrekeyMessage):
+            identity_key = await self._sender_identity_key(rpc, sender)
+            plaintext = self._sessions.accept(self._identity, self.address, self._prekeys, sender, identity_key,
+                                              message, self._clock())
+        if plaintext is None:
+            raise NoSession("no session with the sender device")
+        return plaintext
+
+    async def _sender_identity_key(self, rpc: RpcClient, sender: DeviceAddress) -> bytes:
+        """The sender device's identity key from its user's verified list (re-fetched once if unknown)."""
+        key = self._book.listed_key(str(sender))
+        if key is None:
+            await self._device_list(rpc, str(sender.user), force=True, have_lock=True)
+            key = self._book.listed_key(str(sender))
+        if key is None:
+            raise SendFailed("the sender device is not in its user's signed list", code="unknown_sender_device")
+        return key

@@ -1,0 +1,116 @@
+"""This device's pairwise sessions, per remote device address (sans-I/O).
+
+Why a list per device (Sesame-like, DESIGN §4): when two devices start a session
+with each other at the same time, each holds two sessions for a while; keeping up
+to ``MAX_SESSIONS_PER_DEVICE`` and moving the one that last decrypted to the front
+lets both sides converge instead of breaking.  Encryption always uses the front
+session.  Sessions serialise per device to versioned bytes for the store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from clientsdk.crypto.errors import CryptoError, MalformedMessage
+from clientsdk.crypto.identity import DeviceIdentity, PrekeyStore
+from clientsdk.crypto.primitives import ct_equal
+from clientsdk.crypto.session import NormalMessage, PrekeyMessage, Session, accept_prekey_message
+from federation import codec
+from federation.addresses import DeviceAddress
+from federation.errors import CodecError
+from federation.keys import BadBundle, PrekeyBundle
+
+MAX_SESSIONS_PER_DEVICE = 3
+_LIMITS = codec.Limits(max_bytes=64 << 20)
+
+
+class NoSession(CryptoError):
+    """No session with this device can take the message (a normal message before any prekey message)."""
+
+    code = "no_session"
+
+
+class SessionBook:
+    __slots__ = ("_sessions",)
+
+    def __init__(self) -> None:
+        self._sessions: dict[str, list[Session]] = {}
+
+    def __repr__(self) -> str:
+        return f"SessionBook({len(self._sessions)} devices)"
+
+    def has(self, address: str) -> bool:
+        return bool(self._sessions.get(address))
+
+    def add(self, address: str, session: Session) -> None:
+        self._sessions[address] = ([session] + self._sessions.get(address, []))[:MAX_SESSIONS_PER_DEVICE]
+
+    def drop(self, address: str) -> bool:
+        return self._sessions.pop(address, None) is not None
+
+    def encrypt(self, address: str, plaintext: bytes) -> bytes:
+        sessions = self._sessions.get(address)
+        if not sessions:
+            raise NoSession("no session with this device")
+        return sessions[0].encrypt(plaintext)
+
+    def _promote(self, address: str, index: int) -> None:
+        sessions = self._sessions[address]
+        self._sessions[address] = [sessions[index]] + sessions[:index] + sessions[index + 1:]
+
+    def decrypt_existing(self, sender: str, message: PrekeyMessage | NormalMessage, now_ms: int) -> bytes | None:
+        """Decrypt with a session we hold; None for a prekey message that starts a new session."""
+        sessions = self._sessions.get(sender, [])
+        if isinstance(message, PrekeyMessage):
+            for i, session in enumerate(sessions):
+                if session.belongs_here(message):
+                    plaintext = session.decrypt(message, now_ms)
+                    self._promote(sender, i)
+                    return plaintext
+            return None
+        last: CryptoError = NoSession("no session with the sender device")
+        for i, session in enumerate(sessions):
+            try:
+                plaintext = session.decrypt(message, now_ms)
+            except CryptoError as exc:
+                last = exc
+                continue
+            self._promote(sender, i)
+            return plaintext
+        raise last
+
+    def accept(self, me: DeviceIdentity, my_address: DeviceAddress, prekeys: PrekeyStore, sender: DeviceAddress,
+               sender_identity_key: bytes, message: PrekeyMessage, now_ms: int) -> bytes:
+        """Start the responder session of a prekey message (identity key from the sender's signed list)."""
+        session, plaintext = accept_prekey_message(me, my_address, prekeys, sender, sender_identity_key,
+                                                   message, now_ms)
+        self.add(str(sender), session)
+        return plaintext
+
+    def state_bytes(self, address: str) -> bytes:
+        return codec.encode([s.to_bytes() for s in self._sessions.get(address, [])], _LIMITS)
+
+    def load(self, address: str, data: bytes) -> None:
+        try:
+            states = codec.decode(data, _LIMITS)
+        except CodecError:
+            raise MalformedMessage("malformed session list") from None
+        if not isinstance(states, list) or not all(isinstance(s, bytes) for s in states):
+            raise MalformedMessage("malformed session list")
+        self._sessions[address] = [Session.from_bytes(s) for s in states]
+
+
+def verified_bundle(raw: Any, listed_key: Callable[[str], bytes | None]) -> PrekeyBundle:
+    """A claimed bundle whose prekeys verify under the identity key the *signed device list* names.
+
+    The server hands out bundles; only the master-key-signed list says which identity
+    key a device has, so a bundle for an unlisted device or with another key is
+    refused (``BadBundle``): a server cannot slip in a device of its own.
+    """
+    bundle = PrekeyBundle.from_wire(raw)
+    bundle.verify()
+    listed = listed_key(bundle.device)
+    if listed is None or not ct_equal(listed, bundle.identity_key):
+        raise BadBundle("bundle identity key is not the one in the signed device list")
+    return bundle
