@@ -37,6 +37,8 @@ class ClientOptions:
     one_time_prekeys: int = 100          # one-time prekeys kept on the server (topped up below half)
     backoff: Backoff = field(default_factory=Backoff)
     kdf: KdfParams = field(default_factory=KdfParams)   # only for new passphrase-protected stores
+    session_reset_interval_ms: int = 3_600_000          # at most one automatic reset per remote device per hour
+    delivery_receipts: bool = True                      # send a delivery receipt for every stored message
 
 
 @dataclass(frozen=True, slots=True, repr=False)

@@ -21,12 +21,15 @@ import math
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Self
 
 import trio
 
 from clientsdk.account import Account, ClientOptions
+from clientsdk.background import BackgroundMixin
+from clientsdk.backups import BackupMixin
 from clientsdk.connection import CLOSE_REPLACED, CLOSE_REVOKED, Connector
 from clientsdk.contacts import Contact
 from clientsdk.content import TEXT, Content
@@ -38,9 +41,10 @@ from clientsdk.crypto.identity import (
 from clientsdk.crypto.primitives import ct_equal
 from clientsdk.crypto.session import Session
 from clientsdk.devicelists import ContactBook
-from clientsdk.inbox import InboxMixin
 from clientsdk.errors import NotConnected, NotMasterDevice, SdkError, SendFailed, StoreCorrupted
 from clientsdk.events import ConnectionChanged, Event, MessageReceived, SecurityEvent
+from clientsdk.inbox import InboxMixin
+from clientsdk.resets import KV_NAME as RESETS_KV, ResetBook
 from clientsdk.sessions import SessionBook, verified_bundle
 from clientsdk.store import Batch, HistoryEntry, Store
 from clientsdk.upkeep import plan_prekey_upload
@@ -74,7 +78,7 @@ def _new_message_id() -> str:
     return secrets.token_hex(16)
 
 
-class Client(InboxMixin):
+class Client(InboxMixin, BackgroundMixin, BackupMixin):
     """One device's view of the world.  Create with ``register``, ``login`` or ``open``."""
 
     def __init__(self, store: Store, account: Account, prekeys: PrekeyStore, *, connector: Connector | None,
@@ -103,6 +107,10 @@ class Client(InboxMixin):
         self._auth_state = "active"
         self._running = False
         self._stopping = False
+        self._resets = ResetBook(options.session_reset_interval_ms)
+        self._receipts_due: dict[str, list[str]] = {}
+        self._work_ready = trio.Event()
+        self._send_receipts = options.delivery_receipts
 
     def __repr__(self) -> str:
         return f"Client({self.address}, master={self._master is not None})"
@@ -163,6 +171,8 @@ class Client(InboxMixin):
                 raise StoreCorrupted("a stored session does not parse") from None
             for user, record in snapshot.contacts.items():
                 client._book.contacts[user] = Contact.from_record(user, record)
+            if RESETS_KV in snapshot.kv:
+                client._resets = ResetBook.from_bytes(snapshot.kv[RESETS_KV], options.session_reset_interval_ms)
         except BaseException:
             store.close()
             raise
@@ -178,7 +188,8 @@ class Client(InboxMixin):
         client._store_path = Path(store_path)
         return client
 
-    async def _enrol(self, op: str, params: dict[str, Any], batch: Batch) -> None:
+    async def _enrol(self, op: str, params: dict[str, Any], batch: Batch,
+                     after: Callable[[RpcClient], Awaitable[None]] | None = None) -> None:
         """Register or log in, persist the new device, authenticate and upload its prekeys."""
         uploads = self._prekeys.build_uploads(self._identity, self._clock(),
                                               one_time_count=self._options.one_time_prekeys)
@@ -198,6 +209,8 @@ class Client(InboxMixin):
                     await rpc.request("upload_keys", signed_prekey=uploads.signed_prekey.to_wire(),
                                       pq_prekeys=[uploads.pq_last_resort.to_wire()],
                                       one_time_prekeys=[k.to_wire() for k in uploads.one_time_prekeys])
+                    if after is not None:
+                        await after(rpc)
                 nursery.cancel_scope.cancel()
         except BaseException:
             self._store.close()
@@ -282,6 +295,9 @@ class Client(InboxMixin):
                             started = True
                             task_status.started()
                         conn_nursery.start_soon(self._maintenance, rpc)
+                        conn_nursery.start_soon(self._background_sends)
+                        if self._resets.unsent or self._receipts_due:
+                            self._work_ready.set()
                         await self._pump(rpc)
                         close_code = rpc.close_code
                     conn_nursery.cancel_scope.cancel()
@@ -338,6 +354,11 @@ class Client(InboxMixin):
                 await self._publish_own_list(rpc, resign_device_list(self._master, own.device_list, self._clock()))
         cutoff = self._clock() - PROCESSED_KEEP_MS
         await trio.to_thread.run_sync(self._store.prune_processed, cutoff, limiter=self._store_limiter)
+        async with self._lock:
+            before = self._resets.to_bytes()
+            self._resets.prune(self._clock())
+            if self._resets.to_bytes() != before:
+                await self._persist(Batch(kv={RESETS_KV: self._resets.to_bytes()}))
 
     async def _maintenance(self, rpc: RpcClient) -> None:
         """While connected: rotate the signed prekey and re-sign my list when they age (trio.sleep: MockClock)."""
@@ -478,34 +499,59 @@ class Client(InboxMixin):
         to = str(UserAddress.parse(to))
         message_id = _new_message_id()
         sent_ms = self._clock()
-        first = True
+        await self._send_content([to], Content(TEXT, message_id, to, text, sent_ms, 0, bytes(32)),
+                                 history=HistoryEntry(to, str(self.address), message_id, text, sent_ms, sent_ms,
+                                                      True))
+        return message_id
+
+    def _content_for(self, template: Content, user: str, recipients: list[str]) -> bytes:
+        """The plaintext for ``user``'s devices: ``to`` names them (or, for my own devices, the one recipient)."""
+        if user == self.user:
+            to = recipients[0] if len(recipients) == 1 else self.user
+        else:
+            to = user
+        own = self._book.current(self.user)
+        return replace(template, to=to, list_version=own.device_list.version if own else 0,
+                       list_hash=own.signed.digest if own else bytes(32)).to_bytes()
+
+    async def _send_content(self, recipients: list[str], template: Content, *, ephemeral: bool = False,
+                            history: HistoryEntry | None = None) -> None:
+        """Encrypt ``template`` for every current device of ``recipients`` and my other devices; one send op.
+
+        On ``stale_devices`` the lists are re-fetched and the whole round repeats under
+        the same message id (``template.id``); the ratchet steps of each round are
+        stored before its ciphertext leaves.
+        """
+        message_id = template.id
         stale_rounds = 0
         while stale_rounds < MAX_STALE_RETRIES:
             rpc = await self._wait_rpc()
             try:
-                targets = await self._targets(rpc, to)
+                targets = await self._targets(rpc, recipients)
                 await self._ensure_sessions(rpc, targets)
             except TransportClosed:
                 await self._until_replaced(rpc)
                 continue
-            own = self._book.current(self.user)
-            list_version = own.device_list.version if own else 0
-            list_hash = own.signed.digest if own else bytes(32)
-            plaintext = Content(TEXT, message_id, to, text, sent_ms, list_version, list_hash).to_bytes()
+            if not targets:
+                return                              # nobody to tell (no contacts, no other devices)
             async with self._lock:
                 payloads = []
                 batch = Batch()
+                plaintexts: dict[str, bytes] = {}
                 for address in targets:
-                    payloads.append({"devices": [address], "ciphertext": self._sessions.encrypt(address, plaintext)})
+                    user = address.partition("/")[0]
+                    if user not in plaintexts:
+                        plaintexts[user] = self._content_for(template, user, recipients)
+                    payloads.append({"devices": [address],
+                                     "ciphertext": self._sessions.encrypt(address, plaintexts[user])})
                     batch.sessions[address] = self._sessions.state_bytes(address)
-                if first:
-                    batch.messages.append(HistoryEntry(to, str(self.address), message_id, text, sent_ms,
-                                                       sent_ms, True))
-                    first = False
+                if history is not None:
+                    batch.messages.append(history)
+                    history = None
                 await self._persist(batch)          # ratchet steps are durable before ciphertext leaves
             try:
-                await self._send_op(message_id, payloads)
-                return message_id
+                await self._send_op(message_id, payloads, ephemeral)
+                return
             except RemoteError as exc:
                 if exc.code == ErrorCode.FORBIDDEN and self._auth_state == "pending" \
                         and await self._listed_now(rpc):
@@ -523,14 +569,19 @@ class Client(InboxMixin):
                     self._book.mark_stale(str(user))
         raise SendFailed("recipients' devices kept changing; gave up", code="stale_devices")
 
-    async def _send_op(self, message_id: str, payloads: list[dict[str, Any]]) -> None:
-        """One ``send`` op; after a lost connection the very same bytes are retried (idempotent)."""
+    async def _send_op(self, message_id: str, payloads: list[dict[str, Any]], ephemeral: bool = False) -> None:
+        """One ``send`` op; after a lost connection the very same bytes are retried (idempotent).
+
+        An ephemeral send is not retried: it reaches connected devices only, and late is useless.
+        """
         while True:
             rpc = await self._wait_rpc()
             try:
-                await rpc.request("send", message_id=message_id, payloads=payloads, ephemeral=False)
+                await rpc.request("send", message_id=message_id, payloads=payloads, ephemeral=ephemeral)
                 return
             except TransportClosed:
+                if ephemeral:
+                    return
                 await self._until_replaced(rpc)
 
     async def _listed_now(self, rpc: RpcClient) -> bool:
@@ -543,12 +594,13 @@ class Client(InboxMixin):
         while self._rpc is rpc:
             await trio.sleep(0.05)
 
-    async def _targets(self, rpc: RpcClient, to: str) -> list[str]:
+    async def _targets(self, rpc: RpcClient, recipients: list[str]) -> list[str]:
         mine = await self._device_list(rpc, self.user)
         out = [f"{self.user}/{d}" for d in sorted(mine.device_list.device_ids()) if d != self.device_id]
-        if to != self.user:
-            theirs = await self._device_list(rpc, to)
-            out += [f"{to}/{d}" for d in sorted(theirs.device_list.device_ids())]
+        for to in recipients:
+            if to != self.user:
+                theirs = await self._device_list(rpc, to)
+                out += [f"{to}/{d}" for d in sorted(theirs.device_list.device_ids())]
         return out
 
     async def _ensure_sessions(self, rpc: RpcClient, targets: list[str]) -> None:

@@ -13,6 +13,8 @@ keys, secrets or plaintext, so they are safe to log and show.
     ├── NotMasterDevice             an operation that needs the master key on a linked device
     ├── ContactKeyChanged           a contact's master key differs from the trusted one; sending stops
     ├── SendFailed                  a send could not complete (code from the server or local cause)
+    ├── BackupFailed                a backup could not be written or read (I/O, nothing to back up yet);
+    │                               a wrong passphrase or key is ``clientsdk.crypto.errors.BackupInvalid``
     └── NotConnected                an operation that needs a connection, outside ``connect()``
 """
 
@@ -67,3 +69,7 @@ class SendFailed(SdkError):
 
 class NotConnected(SdkError):
     code = "not_connected"
+
+
+class BackupFailed(SdkError):
+    code = "backup_failed"

@@ -35,7 +35,9 @@ class SecurityEvent(Event):
 
     ``kind``: ``master_key_changed``, ``device_list_equivocation``,
     ``device_list_expired``, ``device_list_rejected``, ``decryption_failed``,
-    ``unknown_sender_device``.
+    ``unknown_sender_device``, ``session_reset`` (a message from ``device`` could not
+    be decrypted, so this client started a fresh session with it: that message and
+    any sent before the peer switches are lost; the peer can send them again).
     """
 
     kind: str
@@ -58,3 +60,40 @@ class ConnectionChanged(Event):
     """The client (re)connected and authenticated, or lost its connection."""
 
     connected: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiptReceived(Event):
+    """A delivery or read receipt for messages in a 1:1 conversation.
+
+    ``kind`` is ``delivered`` (sent automatically once the receiving device stored
+    the message) or ``read`` (``Client.mark_read``).  ``outgoing`` is True for my own
+    receipts reported by my other devices (the message was read elsewhere).
+    """
+
+    conversation: str
+    sender: str               # user who sent the receipt
+    sender_device: str
+    kind: str
+    message_ids: tuple[str, ...]
+    sent_ms: int
+    outgoing: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TypingChanged(Event):
+    """A contact started or stopped typing to me (ephemeral: only while both are connected)."""
+
+    user: str
+    device: str
+    typing: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceChanged(Event):
+    """A contact's (or my other device's) presence: ``state`` such as ``online``/``away``/``offline``."""
+
+    user: str
+    device: str
+    state: str
+    status: str = ""

@@ -9,18 +9,21 @@ hop, emit the events, and only then acknowledge — and it reads best on its own
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
-from clientsdk.content import Content, content_event
+from clientsdk.content import SESSION_RESET, Content, content_event
 from clientsdk.crypto.errors import CryptoError
 from clientsdk.crypto.identity import DeviceIdentity, PrekeyStore, VerifiedDeviceList
 from clientsdk.crypto.session import PrekeyMessage, parse_message
 from clientsdk.devicelists import ContactBook
 from clientsdk.errors import SdkError, SendFailed
 from clientsdk.events import Event, MessageReceived, SecurityEvent
+from clientsdk.resets import KV_NAME as RESETS_KV
+from clientsdk.resets import ResetBook, ResetDecision
 from clientsdk.sessions import NoSession, SessionBook
 from clientsdk.store import Batch, HistoryEntry, Store
 from federation.addresses import DeviceAddress
@@ -41,6 +44,8 @@ class InboxMixin:
     _lock: trio.Lock
     _store_limiter: trio.CapacityLimiter
     _clock: Callable[[], int]
+    _resets: ResetBook
+    _work_ready: trio.Event
 
     def _emit(self, event: Event) -> None: ...                     # provided by Client
 
@@ -48,6 +53,9 @@ class InboxMixin:
 
     async def _device_list(self, rpc: RpcClient, user: str, *, force: bool = False,
                            have_lock: bool = False) -> VerifiedDeviceList: ...   # provided by Client
+
+    if TYPE_CHECKING:   # a stub here would shadow the real method of the mixin that follows in the MRO
+        def _queue_delivery_receipts(self, events: list[Event]) -> None: ...
 
     async def _handle_envelopes(self, rpc: RpcClient, pushes: list[Any]) -> None:
         """Decrypt a batch, store events and state in one hop, emit, then ack (never before storing)."""
@@ -76,8 +84,12 @@ class InboxMixin:
                     await self._persist(batch)
                 for event in events:
                     self._emit(event)
+        # Acked only now: every event of the batch, session_reset notices included, is stored.
         if acks:
             await rpc.request("ack", seqs=acks)
+        self._queue_delivery_receipts(events)
+        if self._resets.unsent:
+            self._work_ready.set()
 
     async def _receive_one(self, rpc: RpcClient, fields: dict[str, Any], batch: Batch) -> Event | None:
         sender = fields.get("sender")
@@ -86,19 +98,63 @@ class InboxMixin:
             if not isinstance(sender, str) or not isinstance(ciphertext, bytes):
                 raise ProtocolError("malformed envelope")
             sender_address = DeviceAddress.parse(sender)
-            plaintext = await self._decrypt(rpc, sender_address, ciphertext)
+            try:
+                plaintext = await self._decrypt(rpc, sender_address, ciphertext)
+            except CryptoError as exc:
+                if not await self._is_listed(rpc, sender_address):
+                    raise
+                return self._undecryptable(sender_address, batch, exc)
             batch.sessions[sender] = self._sessions.state_bytes(sender)
+            if self._resets.on_decrypted(sender):
+                batch.kv[RESETS_KV] = self._resets.to_bytes()
             content = Content.from_bytes(plaintext)
         except (CryptoError, ProtocolError, SdkError, RemoteError) as exc:
             log.info("undecryptable envelope from %s: %s", sender, type(exc).__name__)
             return SecurityEvent("decryption_failed", str(sender).partition("/")[0], str(sender),
                                  "a message could not be decrypted")
         self._book.note_sender_list(str(sender_address.user), content)
+        if content.type == SESSION_RESET:
+            log.info("%s restarted its session with %s", sender, self.address)
         event = content_event(content, sender_address, self.user, self._clock())
         if isinstance(event, MessageReceived):
             batch.messages.append(HistoryEntry(event.conversation, sender, event.message_id, event.text,
                                                event.sent_ms, event.received_ms, event.outgoing))
         return event
+
+    async def _is_listed(self, rpc: RpcClient, sender: DeviceAddress) -> bool:
+        """Is the device in its user's signed list?  A known contact's list is re-fetched once if not;
+        a stranger's is not fetched (garbage from anyone must not make us trust-on-first-use them)."""
+        if self._book.listed_key(str(sender)) is not None:
+            return True
+        user = str(sender.user)
+        if user not in self._book.contacts:
+            return False
+        try:
+            await self._device_list(rpc, user, force=True, have_lock=True)
+        except (SdkError, RemoteError):
+            return False
+        return self._book.listed_key(str(sender)) is not None
+
+    def _undecryptable(self, sender: DeviceAddress, batch: Batch, exc: CryptoError) -> Event | None:
+        """A listed device's message failed to decrypt: heal the session (rate-limited), tell the app once.
+
+        The notice goes into the conversation's history in the same store hop as the
+        batch, before the envelope is acked, so the loss is never silent.
+        """
+        device = str(sender)
+        user = str(sender.user)
+        now = self._clock()
+        decision = self._resets.on_failure(device, now)
+        log.info("undecryptable message from %s (%s): %s", device, type(exc).__name__, decision.value)
+        if decision is ResetDecision.FOLD:
+            return None
+        if decision is ResetDecision.RATE_LIMITED:
+            return SecurityEvent("decryption_failed", user, device, "a message could not be decrypted")
+        batch.kv[RESETS_KV] = self._resets.to_bytes()
+        detail = "a message could not be decrypted; a new secure session was started with this device"
+        batch.messages.append(HistoryEntry(user, device, f"reset-{secrets.token_hex(12)}", detail, now, now,
+                                           user == self.user, kind="notice"))
+        return SecurityEvent("session_reset", user, device, detail)
 
     async def _decrypt(self, rpc: RpcClient, sender: DeviceAddress, ciphertext: bytes) -> bytes:
         message = parse_message(ciphertext)

@@ -88,6 +88,7 @@ class HistoryEntry:
     sent_ms: int
     received_ms: int
     outgoing: bool
+    kind: str = "text"        # "text", or "notice" for what the SDK itself recorded (e.g. a session reset)
 
 
 @dataclass(slots=True)
@@ -285,14 +286,33 @@ class Store:
                                     .order_by(messages_table.c.seq.desc()).limit(limit)).all()
         except SQLAlchemyError as exc:
             raise _fail_db(exc) from None
-        out = []
-        for r in reversed(rows):
-            obj = self._decode("messages", r.rid + conv, r.value)
-            try:
-                out.append(HistoryEntry(**obj))
-            except TypeError:
-                raise StoreCorrupted("a messages row does not parse") from None
-        return out
+        return [self._entry(r.rid, conv, r.value) for r in reversed(rows)]
+
+    def _entry(self, rid: bytes, conv: bytes, sealed: bytes) -> HistoryEntry:
+        obj = self._decode("messages", rid + conv, sealed)
+        try:
+            return HistoryEntry(**obj)
+        except TypeError:
+            raise StoreCorrupted("a messages row does not parse") from None
+
+    def find_message(self, message_id: str) -> HistoryEntry | None:
+        """The stored message with this id (the first one, if a peer reused an id), or None."""
+        try:
+            with self._engine.connect() as conn:
+                row = conn.execute(sa.select(messages_table).where(
+                    messages_table.c.rid == self.row_id("message", message_id))).first()
+        except SQLAlchemyError as exc:
+            raise _fail_db(exc) from None
+        return None if row is None else self._entry(row.rid, row.conversation, row.value)
+
+    def all_history(self) -> list[HistoryEntry]:
+        """Every stored message of every conversation, in storage order (for backups)."""
+        try:
+            with self._engine.connect() as conn:
+                rows = conn.execute(sa.select(messages_table).order_by(messages_table.c.seq)).all()
+        except SQLAlchemyError as exc:
+            raise _fail_db(exc) from None
+        return [self._entry(r.rid, r.conversation, r.value) for r in rows]
 
     # -- writes --
 
@@ -321,10 +341,16 @@ class Store:
                                  {"rid": self.row_id("processed", key), "seen_ms": now_ms})
                 for entry in batch.messages:
                     conv = self.row_id("conversation", entry.conversation)
-                    rid = os.urandom(16)
+                    # The row id is a keyed hash of the message id, so ``find_message`` needs no
+                    # extra index; a repeated id (only a misbehaving peer) falls back to a random one.
+                    rid = self.row_id("message", entry.message_id)
+                    if conn.execute(sa.select(messages_table.c.seq).where(messages_table.c.rid == rid)).first():
+                        rid = os.urandom(32)
                     record = {"conversation": entry.conversation, "sender_device": entry.sender_device,
                               "message_id": entry.message_id, "text": entry.text, "sent_ms": entry.sent_ms,
                               "received_ms": entry.received_ms, "outgoing": entry.outgoing}
+                    if entry.kind != "text":
+                        record["kind"] = entry.kind
                     conn.execute(messages_table.insert(), {
                         "conversation": conv, "rid": rid,
                         "value": self._seal("messages", rid + conv, codec.encode(record, _VALUE_LIMITS))})
