@@ -148,7 +148,10 @@ class _QueuedWrite(Completion[T]):
                 from pending.batch_error
         if pending.result is None:       # the writer stopped before running it
             raise DatabaseClosed("storage is shutting down")
-        return pending.result.unwrap()
+        # Not unwrap(): a completion may be awaited by several callers (coalesced acks).
+        if isinstance(pending.result, outcome.Error):
+            raise pending.result.error
+        return pending.result.value
 
 
 class Database:

@@ -9,8 +9,11 @@ its last pointer goes (ack, purge, revocation or expiry).
 from __future__ import annotations
 
 import hmac
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TypeVar
+
+import trio
 
 from sqlalchemy import Connection, bindparam, delete, exists, func, insert, select
 
@@ -145,11 +148,36 @@ def _counts(conn: Connection) -> dict[str, int]:
     }
 
 
+class _AckGroup:
+    """Acks that will be applied by one write op (coalesced: one op, one savepoint)."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, list[int]]] = []
+        self.queued = trio.Event()
+        self.completion: Completion[list[int]] | None = None
+
+
+class _AckSlot(Completion[int]):
+    def __init__(self, group: _AckGroup, index: int) -> None:
+        self._group = group
+        self._index = index
+
+    async def result(self) -> int:
+        await self._group.queued.wait()
+        if self._group.completion is None:
+            raise RuntimeError("ack group was never queued")
+        return (await self._group.completion.result())[self._index]
+
+
 class MailboxRepository:
     """Mailbox entries, their shared ciphertext blobs and the send dedupe ids."""
 
     def __init__(self, db: Database) -> None:
         self._db = db
+        # Acks of every device that arrive while an ack op waits in the writer's
+        # queue join that op, so a busy server spends one op (not one per ack) on them.
+        self._ack_lock = threading.Lock()
+        self._open_acks: _AckGroup | None = None
 
     async def deliver(self, sender: str, message_id: str, digest: bytes,
                       payloads: list[tuple[list[str], bytes]], now_ms: int,
@@ -179,8 +207,33 @@ class MailboxRepository:
         return await (await self.queue_ack(device, seqs)).result()
 
     async def queue_ack(self, device: str, seqs: list[int]) -> Completion[int]:
-        """``ack``, queued now and awaited later."""
-        return await self._db.queue(lambda conn: _ack(conn, device, seqs))
+        """``ack``, queued now and awaited later; joins an ack op still waiting to run."""
+        with self._ack_lock:
+            group = self._open_acks
+            new = group is None
+            if group is None:
+                group = self._open_acks = _AckGroup()
+            group.items.append((device, list(seqs)))
+            index = len(group.items) - 1
+        if new:
+            try:
+                group.completion = await self._db.queue(lambda conn: self._apply_acks(conn, group))
+            except BaseException:
+                with self._ack_lock:
+                    if self._open_acks is group:
+                        self._open_acks = None
+                raise
+            finally:
+                group.queued.set()
+        return _AckSlot(group, index)
+
+    def _apply_acks(self, conn: Connection, group: _AckGroup) -> list[int]:
+        """Writer thread: close the group to newcomers, then apply every ack in it."""
+        with self._ack_lock:
+            if self._open_acks is group:
+                self._open_acks = None
+            items = list(group.items)
+        return [_ack(conn, device, seqs) for device, seqs in items]
 
     async def expire(self, now_ms: int) -> dict[str, int]:
         """Housekeeping: drop everything past its TTL; returns the count per kind."""

@@ -310,3 +310,27 @@ if __name__ == "__main__":
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 20_000
     with tempfile.TemporaryDirectory() as tmp:
         print(json.dumps(trio.run(measure_deliver, Path(tmp) / "bench.db", n)))
+
+
+async def test_concurrent_acks_share_one_write_op(tmp_path) -> None:
+    from homeserver.storage import open_storage
+    async with trio.open_nursery() as nursery:
+        storage = await open_storage(f"sqlite:///{tmp_path / 'acks.db'}", nursery)
+        devices = [f"u{i}@example.org/DEVICEAAAA" for i in range(20)]
+        result = await storage.mailboxes.deliver("s@example.org/SENDERAAAA", "m", b"d" * 32,
+                                                 [([d], b"ct") for d in devices], 1, 10**9)
+        seq_of = {e.device: e.seq for e in result.entries}
+        ops_before = storage.database.ops
+        removed: dict[str, int] = {}
+
+        async def ack(device: str) -> None:
+            removed[device] = await storage.mailboxes.ack(device, [seq_of[device], seq_of[devices[0]] + 10**6])
+
+        async with trio.open_nursery() as acks:
+            for device in devices:
+                acks.start_soon(ack, device)
+        assert removed == {d: 1 for d in devices}            # each caller sees its own count
+        assert storage.database.ops - ops_before < len(devices)
+        assert (await storage.mailboxes.counts())["entries"] == 0
+        await storage.aclose()
+        nursery.cancel_scope.cancel()
