@@ -4,6 +4,8 @@
     securechat send bob@example.org "hello"          # --as alice@example.org when several stores exist
     securechat listen                                # prints events until interrupted
     securechat chat bob@example.org                  # history, then stdin lines out, messages in
+    securechat verify bob@example.org --confirm      # after comparing the safety number
+    securechat devices / revoke DEVICE_ID / backup export PATH / backup import PATH
 
 Why these choices: secrets (account password, store passphrase) never come from
 argv, where ``ps`` and shell history would show them — they come from a prompt,
@@ -45,7 +47,7 @@ EXIT_UNAVAILABLE = 2          # also argparse's code for bad usage
 EXIT_INTERRUPTED = 130
 STORE_ENV = "SECURECHAT_STORE"
 SERVER_ENV = "SECURECHAT_SERVER"
-UNAVAILABLE = ("group", "verify", "backup")
+UNAVAILABLE = ("group",)
 
 
 class CliError(Exception):
@@ -193,6 +195,7 @@ async def cmd_login(args: argparse.Namespace) -> int:
         _remember_server(store, args.server)
         print(f"new device {client.device_id} of {client.user} is pending; store {store}", flush=True)
         print(f"linking code: {client.device_id}:{client.identity_key.hex()}", flush=True)
+        print(f"short linking code: {client.linking_code()}", flush=True)
         print(f"on your master device run: securechat approve {client.device_id}:{client.identity_key.hex()}",
               flush=True)
     return EXIT_OK
@@ -213,12 +216,17 @@ def _parse_link(code: str) -> tuple[str, bytes | None]:
 
 
 async def cmd_approve(args: argparse.Namespace) -> int:
-    device_id, key = _parse_link(args.device)
+    short = ":" not in args.device and len(args.device) > 10
+    device_id, key = (args.device, None) if short else _parse_link(args.device)
     async with await _open(args) as client:
         if not client.is_master:
             raise CliError("approve runs on the master device (the first one registered)")
         async with client.connect():
-            version = await client.approve_device(device_id, key)
+            if short:
+                version = await client.approve_link(args.device)
+                device_id = args.device.split("-")[0].upper()
+            else:
+                version = await client.approve_device(device_id, key)
         print(f"approved device {device_id}; device list v{version}", flush=True)
     return EXIT_OK
 
@@ -228,7 +236,94 @@ async def cmd_devices(args: argparse.Namespace) -> int:
         role = "master device" if client.is_master else "linked device"
         print(f"this device: {client.address} ({role})", flush=True)
         print(f"identity key: {client.identity_key.hex()}", flush=True)
-    _status("note: listing every device of the account needs a public Client.devices(), not available yet")
+        async with client.connect():
+            infos = await client.devices()
+        for info in infos:
+            mark = "  (this device)" if info.this_device else ""
+            print(f"{info.device_id}  {info.state:<9} {info.linking_code}{mark}", flush=True)
+    return EXIT_OK
+
+
+async def cmd_revoke(args: argparse.Namespace) -> int:
+    async with await _open(args) as client:
+        if not client.is_master:
+            raise CliError("revoke runs on the master device (the first one registered)")
+        async with client.connect():
+            version = await client.revoke_device(args.device_id.upper())
+        where = f"device list v{version}" if version is not None else "it was never listed"
+        print(f"revoked device {args.device_id.upper()}; {where}", flush=True)
+    return EXIT_OK
+
+
+async def cmd_verify(args: argparse.Namespace) -> int:
+    """Show the safety number; ``--scan`` compares a QR payload (hex, from stdin); ``--confirm`` marks verified."""
+    async with await _open(args) as client:
+        async with client.connect():
+            state = await client.check_contact(args.user)
+            if args.accept_change:
+                await client.accept_key_change(args.user)
+                _status(f"accepted the new master key of {args.user}; it is unverified now")
+                state = client.trust(args.user)
+        print(f"trust: {state.value}", flush=True)
+        print(f"safety number with {args.user}:", flush=True)
+        print(client.safety_number(args.user), flush=True)
+        print(f"my QR payload for {args.user}: {client.qr_payload(args.user).hex()}", flush=True)
+        if args.scan:
+            text = read_secret("Scanned QR payload (hex): ").strip()
+            try:
+                payload = bytes.fromhex(text)
+            except ValueError:
+                raise CliError("the scanned payload is not hex") from None
+            verdict = await client.verify_scanned(args.user, payload)
+            print(f"scan: {verdict.value}", flush=True)
+            if verdict.value != "match":
+                return EXIT_ERROR
+            print(f"{args.user} is now verified", flush=True)
+        elif args.confirm:
+            await client.mark_verified(args.user)
+            print(f"{args.user} is now verified", flush=True)
+    return EXIT_OK
+
+
+async def cmd_backup(args: argparse.Namespace) -> int:
+    if args.action == "export":
+        async with await _open(args) as client:
+            if args.protect == "phrase":
+                passphrase = read_secret("New backup passphrase: ")
+                if sys.stdin.isatty() and getpass.getpass("Repeat backup passphrase: ") != passphrase:
+                    raise CliError("the passphrases differ")
+                if not passphrase:
+                    raise CliError("the backup passphrase must not be empty")
+                await client.export_backup(args.path, passphrase=passphrase)
+                print(f"backup written to {args.path} (protected by your passphrase)", flush=True)
+            else:
+                key = await client.export_backup(args.path)
+                print(f"backup written to {args.path}", flush=True)
+                print(f"recovery key (write it down; it opens the backup): {key.display() if key else ''}",
+                      flush=True)
+        return EXIT_OK
+    if not args.store and not args.as_user and not os.environ.get(STORE_ENV):
+        raise CliError("backup import creates a new store: give --as USER or --store PATH")
+    store = resolve_store(args)
+    if store.exists():
+        raise CliError(f"a store already exists at {store}")
+    if not args.server and not os.environ.get(SERVER_ENV):
+        raise CliError("backup import needs --server ws://HOST:PORT/c2s")
+    url = resolve_server(args, store)
+    secret = read_secret("Backup passphrase: " if args.protect == "phrase" else "Recovery key: ")
+    password = read_secret("Account password: ")
+    passphrase = read_new_passphrase()
+    store.parent.mkdir(parents=True, exist_ok=True)
+    client = await Client.restore_backup(
+        args.path, store, password, connect=websocket_connector(url), passphrase=passphrase,
+        backup_passphrase=secret if args.protect == "phrase" else None,
+        recovery_key=secret if args.protect == "key" else None)
+    async with client:
+        _remember_server(store, url)
+        role = "master device" if client.is_master else "pending device"
+        print(f"restored {client.user} as new device {client.device_id} ({role}); store {store}", flush=True)
+        if not client.is_master:
+            print(f"on your master device run: securechat approve {client.linking_code()}", flush=True)
     return EXIT_OK
 
 
@@ -326,7 +421,23 @@ def build_parser() -> argparse.ArgumentParser:
         p = command(name, "approve a pending device from the master device")
         p.add_argument("device", help="DEVICE_ID or the linking code DEVICE_ID:KEY that login printed")
         p.set_defaults(run=cmd_approve)
-    command("devices", "show this device").set_defaults(run=cmd_devices)
+    command("devices", "list every device of this account").set_defaults(run=cmd_devices)
+    p = command("revoke", "revoke a device of this account (from the master device)")
+    p.add_argument("device_id")
+    p.set_defaults(run=cmd_revoke)
+    p = command("verify", "show the safety number with a contact; --scan or --confirm to verify")
+    p.add_argument("user", type=_user)
+    flow = p.add_mutually_exclusive_group()
+    flow.add_argument("--scan", action="store_true", help="read the QR payload the contact shows (hex) from stdin")
+    flow.add_argument("--confirm", action="store_true", help="the safety numbers matched: mark verified")
+    p.add_argument("--accept-change", action="store_true", help="trust the contact's new master key (unverified)")
+    p.set_defaults(run=cmd_verify)
+    p = command("backup", "export a backup file, or import one as a new device")
+    p.add_argument("action", choices=["export", "import"])
+    p.add_argument("path")
+    p.add_argument("--protect", choices=["key", "phrase"], default="key",
+                   help="a random recovery key (default) or a passphrase; either is read from stdin/prompt")
+    p.set_defaults(run=cmd_backup)
     p = command("send", "send one message")
     p.add_argument("to", type=_user)
     p.add_argument("text")

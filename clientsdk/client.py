@@ -40,14 +40,16 @@ from clientsdk.crypto.identity import (
 )
 from clientsdk.crypto.primitives import ct_equal
 from clientsdk.crypto.session import Session
-from clientsdk.devicelists import ContactBook
+from clientsdk.devices import DevicesMixin
 from clientsdk.errors import NotConnected, NotMasterDevice, SdkError, SendFailed, StoreCorrupted
 from clientsdk.events import ConnectionChanged, Event, MessageReceived, SecurityEvent
+from clientsdk.groups import GroupsMixin
 from clientsdk.inbox import InboxMixin
 from clientsdk.resets import KV_NAME as RESETS_KV, ResetBook
 from clientsdk.sessions import SessionBook, verified_bundle
 from clientsdk.store import Batch, HistoryEntry, Store
 from clientsdk.upkeep import plan_prekey_upload
+from clientsdk.verify import TrustBook, VerifyMixin
 from federation import signing
 from federation.addresses import DeviceAddress, UserAddress, new_device_id
 from federation.errors import ErrorCode
@@ -78,7 +80,7 @@ def _new_message_id() -> str:
     return secrets.token_hex(16)
 
 
-class Client(InboxMixin, BackgroundMixin, BackupMixin):
+class Client(InboxMixin, BackgroundMixin, BackupMixin, VerifyMixin, DevicesMixin, GroupsMixin):
     """One device's view of the world.  Create with ``register``, ``login`` or ``open``."""
 
     def __init__(self, store: Store, account: Account, prekeys: PrekeyStore, *, connector: Connector | None,
@@ -95,7 +97,7 @@ class Client(InboxMixin, BackgroundMixin, BackupMixin):
         self._options = options
         self._clock = options.clock
         self._sessions = SessionBook()
-        self._book = ContactBook(self.user, self._emit)
+        self._book = TrustBook(self.user, self._emit)
         self._lock = trio.Lock()                 # serialises every change of crypto state
         self._store_limiter = trio.CapacityLimiter(1)
         self._rpc: RpcClient | None = None
@@ -296,6 +298,7 @@ class Client(InboxMixin, BackgroundMixin, BackupMixin):
                             task_status.started()
                         conn_nursery.start_soon(self._maintenance, rpc)
                         conn_nursery.start_soon(self._background_sends)
+                        conn_nursery.start_soon(self._group_background)
                         if self._resets.unsent or self._receipts_due:
                             self._work_ready.set()
                         await self._pump(rpc)

@@ -22,6 +22,7 @@ from clientsdk.crypto.session import PrekeyMessage, parse_message
 from clientsdk.devicelists import ContactBook
 from clientsdk.errors import SdkError, SendFailed
 from clientsdk.events import Event, MessageReceived, SecurityEvent
+from clientsdk.groups import GROUP_CONTENT, is_group_message
 from clientsdk.resets import KV_NAME as RESETS_KV
 from clientsdk.resets import ResetBook, ResetDecision
 from clientsdk.sessions import NoSession, SessionBook
@@ -57,6 +58,12 @@ class InboxMixin:
     if TYPE_CHECKING:   # a stub here would shadow the real method of the mixin that follows in the MRO
         def _queue_delivery_receipts(self, events: list[Event]) -> None: ...
 
+        async def _receive_group_message(self, sender: DeviceAddress, ciphertext: bytes,
+                                         batch: Batch) -> list[Event]: ...          # clientsdk.groups
+
+        async def _receive_group_content(self, sender: DeviceAddress, plaintext: bytes, content: Content,
+                                         batch: Batch) -> list[Event]: ...          # clientsdk.groups
+
     async def _handle_envelopes(self, rpc: RpcClient, pushes: list[Any]) -> None:
         """Decrypt a batch, store events and state in one hop, emit, then ack (never before storing)."""
         keys = [f"{p.fields.get('sender')}|{p.fields.get('message_id')}" for p in pushes]
@@ -74,7 +81,9 @@ class InboxMixin:
                         continue
                     event = await self._receive_one(rpc, push.fields, batch)
                     batch.processed.add(key)      # only once handled: an interrupted one comes again
-                    if event is not None:
+                    if isinstance(event, list):
+                        events.extend(event)
+                    elif event is not None:
                         events.append(event)
             finally:
                 # Even when the connection drops mid-batch, what was decrypted (and moved the
@@ -91,13 +100,16 @@ class InboxMixin:
         if self._resets.unsent:
             self._work_ready.set()
 
-    async def _receive_one(self, rpc: RpcClient, fields: dict[str, Any], batch: Batch) -> Event | None:
+    async def _receive_one(self, rpc: RpcClient, fields: dict[str, Any],
+                           batch: Batch) -> Event | list[Event] | None:
         sender = fields.get("sender")
         ciphertext = fields.get("ciphertext")
         try:
             if not isinstance(sender, str) or not isinstance(ciphertext, bytes):
                 raise ProtocolError("malformed envelope")
             sender_address = DeviceAddress.parse(sender)
+            if is_group_message(ciphertext):
+                return await self._receive_group_message(sender_address, ciphertext, batch)
             try:
                 plaintext = await self._decrypt(rpc, sender_address, ciphertext)
             except CryptoError as exc:
@@ -113,6 +125,8 @@ class InboxMixin:
             return SecurityEvent("decryption_failed", str(sender).partition("/")[0], str(sender),
                                  "a message could not be decrypted")
         self._book.note_sender_list(str(sender_address.user), content)
+        if content.type == GROUP_CONTENT:
+            return await self._receive_group_content(sender_address, plaintext, content, batch)
         if content.type == SESSION_RESET:
             log.info("%s restarted its session with %s", sender, self.address)
         event = content_event(content, sender_address, self.user, self._clock())

@@ -73,7 +73,7 @@ def test_secrets_are_never_options() -> None:
 
 
 def test_unavailable_commands_exit_2(isolated, monkeypatch, capsys) -> None:
-    for argv in (["group", "create", "team"], ["verify", BOB], ["backup", "export", "f.bak"]):
+    for argv in (["group", "create", "team"],):
         code, out, err = run_main(monkeypatch, capsys, argv)
         assert code == cli.EXIT_UNAVAILABLE
         assert "not available yet" in err and out == ""
@@ -175,3 +175,73 @@ def test_listen_runs_until_interrupted(server, isolated) -> None:
         listener.stdin.close()
         listener.stdout.close()
         listener.stderr.close()
+
+
+def test_verify_devices_revoke_and_backup(server, isolated, monkeypatch, capsys) -> None:
+    """verify (number, --confirm, --scan), devices, approve by short code, revoke, backup export/import."""
+    dave, erin = f"dave@{DOMAIN}", f"erin@{DOMAIN}"
+    dave_store, erin_store, phone_store = isolated / "dave.db", isolated / "erin.db", isolated / "dave-phone.db"
+    for user, store, secrets_ in ((dave, dave_store, "dave-password-4\ndave pp\n"),
+                                  (erin, erin_store, "erin-password-5\nerin pp\n")):
+        code, _, err = run_main(monkeypatch, capsys, ["register", user, "--server", server.url, "--store", str(store)],
+                                secrets_)
+        assert code == 0, err
+    code, _, err = run_main(monkeypatch, capsys, ["send", "--store", str(dave_store), erin, "hi erin"], "dave pp\n")
+    assert code == 0, err
+
+    # the safety number is the same on both sides; --confirm marks verified
+    code, out_d, err = run_main(monkeypatch, capsys, ["verify", "--store", str(dave_store), erin], "dave pp\n")
+    assert code == 0 and "trust: unverified" in out_d, err
+    code, out_e, _ = run_main(monkeypatch, capsys, ["verify", "--store", str(erin_store), dave], "erin pp\n")
+    number = out_d.splitlines()[2]
+    assert len(number.replace(" ", "")) == 60 and number == out_e.splitlines()[2]
+    code, out, _ = run_main(monkeypatch, capsys, ["verify", "--store", str(dave_store), "--confirm", erin],
+                            "dave pp\n")
+    assert code == 0 and f"{erin} is now verified" in out
+    # --scan: erin scans the code dave shows (hex on stdin after the passphrase); garbage is a clean error
+    dave_qr = next(line for line in out_d.splitlines() if line.startswith("my QR payload")).split(": ")[1]
+    code, out, _ = run_main(monkeypatch, capsys, ["verify", "--store", str(erin_store), "--scan", dave],
+                            f"erin pp\n{dave_qr}\n")
+    assert code == 0 and "scan: match" in out
+    code, out, _ = run_main(monkeypatch, capsys, ["verify", "--store", str(erin_store), dave], "erin pp\n")
+    assert "trust: verified" in out
+    code, _, err = run_main(monkeypatch, capsys, ["verify", "--store", str(erin_store), "--scan", dave],
+                            "erin pp\nzz\n")
+    assert code == cli.EXIT_ERROR and "not hex" in err and "Traceback" not in err
+
+    # a phone logs in; the master device approves it by the short code, lists it, then revokes it
+    code, out, err = run_main(monkeypatch, capsys, ["login", dave, "--server", server.url, "--store",
+                                                    str(phone_store)], "dave-password-4\nphone pp\n")
+    assert code == 0, err
+    short = next(line for line in out.splitlines() if line.startswith("short linking code: ")).split(": ")[1]
+    phone_id = short.split("-")[0]
+    code, out, _ = run_main(monkeypatch, capsys, ["devices", "--store", str(dave_store)], "dave pp\n")
+    assert code == 0 and f"{phone_id}  pending" in out and short in out and "(this device)" in out
+    code, out, err = run_main(monkeypatch, capsys, ["approve", "--store", str(dave_store), short], "dave pp\n")
+    assert code == 0 and f"approved device {phone_id}; device list v2" in out, err
+    code, out, _ = run_main(monkeypatch, capsys, ["devices", "--store", str(dave_store)], "dave pp\n")
+    assert f"{phone_id}  current" in out
+    code, _, err = run_main(monkeypatch, capsys, ["revoke", "--store", str(phone_store), phone_id], "phone pp\n")
+    assert code == cli.EXIT_ERROR and "master device" in err
+    code, out, err = run_main(monkeypatch, capsys, ["revoke", "--store", str(dave_store), phone_id], "dave pp\n")
+    assert code == 0 and "device list v3" in out, err
+    code, out, _ = run_main(monkeypatch, capsys, ["devices", "--store", str(dave_store)], "dave pp\n")
+    assert f"{phone_id}  revoked" in out
+
+    # backup export (recovery key printed once) and import as a new master device with the trust kept
+    backup = isolated / "dave.backup"
+    code, out, err = run_main(monkeypatch, capsys, ["backup", "export", "--store", str(dave_store), str(backup)],
+                              "dave pp\n")
+    assert code == 0 and backup.is_file(), err
+    recovery = next(line for line in out.splitlines() if line.startswith("recovery key")).split(": ")[1]
+    restored = isolated / "dave-restored.db"
+    code, _, err = run_main(monkeypatch, capsys, ["backup", "import", str(backup), "--server", server.url],
+                            f"{recovery}\ndave-password-4\nnew pp\n")
+    assert code == cli.EXIT_ERROR and "--as USER or --store" in err
+    code, out, err = run_main(monkeypatch, capsys, ["backup", "import", str(backup), "--server", server.url,
+                                                    "--store", str(restored)],
+                              f"{recovery}\ndave-password-4\nnew pp\n")
+    assert code == 0 and "(master device)" in out, err
+    assert recovery not in err and "dave-password-4" not in out + err
+    code, out, _ = run_main(monkeypatch, capsys, ["verify", "--store", str(restored), erin], "new pp\n")
+    assert code == 0 and "trust: verified" in out and number in out
