@@ -13,7 +13,7 @@ from clientsdk.account import ClientOptions
 from clientsdk.client import Client
 from clientsdk.connection import Backoff
 from clientsdk.connection import memory_connector
-from clientsdk.events import Event, MessageReceived
+from clientsdk.events import Event, MessageReceived, SecurityEvent
 from clientsdk.store import KdfParams
 from federation.transport import MemoryNetwork
 from homeserver.app import RunningServer, serve
@@ -94,3 +94,15 @@ async def collect(client: Client, count: int, others: list[Event] | None = None)
             if len(out) == count:
                 break
     return out
+
+
+def pending_security_events(client: Client) -> list[SecurityEvent]:
+    """Every security event already queued for ``client``, without waiting."""
+    out = []
+    while True:
+        try:
+            event = client.events().receive_nowait()
+        except trio.WouldBlock:
+            return out
+        if isinstance(event, SecurityEvent):
+            out.append(event)

@@ -5,27 +5,15 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from clientsdk.errors import ContactKeyChanged, SendFailed
-from clientsdk.events import SecurityEvent
 from federation.keys import DeviceEntry, DeviceList
-from tests.sdk.conftest import DOMAIN, collect, mock_ms
+from tests.sdk.conftest import DOMAIN, collect, mock_ms, pending_security_events
 
 ALICE = f"alice@{DOMAIN}"
 BOB = f"bob@{DOMAIN}"
 
-
-def _security_events(client) -> list[SecurityEvent]:
-    out = []
-    while True:
-        try:
-            event = client.events().receive_nowait()
-        except trio.WouldBlock:
-            return out
-        if isinstance(event, SecurityEvent):
-            out.append(event)
 
 
 async def _talking(world):
@@ -45,7 +33,7 @@ async def test_swapped_master_key_stops_sending(world):
         alice._book.mark_stale(BOB)          # as a device_list_changed push would
         with pytest.raises(ContactKeyChanged):
             await alice.send(BOB, "must not go out")
-        assert [e.kind for e in _security_events(alice)] == ["master_key_changed"]
+        assert [e.kind for e in pending_security_events(alice)] == ["master_key_changed"]
     await alice.aclose()
     await bob.aclose()
 
@@ -59,7 +47,7 @@ async def test_old_list_and_forged_list_are_refused(world):
         await bob1.approve_device(bob2.device_id, bob2.identity_key)
         await alice.send(BOB, "to both bob devices")
         await collect(bob2, 1)
-        _security_events(alice)
+        pending_security_events(alice)
         newer = state.device_lists[BOB]
         # the server serves the older list (rollback)
         state.device_lists[BOB] = old
@@ -75,7 +63,7 @@ async def test_old_list_and_forged_list_are_refused(world):
         with pytest.raises(SendFailed) as info:
             await alice.send(BOB, "y")
         assert info.value.code == "device_list_rejected"
-        kinds = [e.kind for e in _security_events(alice)]
+        kinds = [e.kind for e in pending_security_events(alice)]
         assert kinds == ["device_list_rollback", "device_list_rejected"]
         # the genuine list is accepted again
         state.device_lists[BOB] = newer

@@ -11,22 +11,12 @@ from clientsdk.errors import StoreCorrupted
 from clientsdk.events import MessageReceived, SecurityEvent
 from clientsdk.resets import ResetBook, ResetDecision
 from clientsdk.store import Batch
-from tests.sdk.conftest import DOMAIN, collect, mock_ms
+from tests.sdk.conftest import DOMAIN, collect, mock_ms, pending_security_events
 
 ALICE = f"alice@{DOMAIN}"
 BOB = f"bob@{DOMAIN}"
 HOUR_MS = 3_600_000
 
-
-def _drain_security(client) -> list[SecurityEvent]:
-    out = []
-    while True:
-        try:
-            event = client.events().receive_nowait()
-        except trio.WouldBlock:
-            return out
-        if isinstance(event, SecurityEvent):
-            out.append(event)
 
 
 async def _texts(client, count: int, security: list) -> list[str]:
@@ -64,7 +54,7 @@ async def test_restored_old_store_heals_with_exactly_one_event(world, tmp_path):
     bob = await world.reopen("bob")
     bob_security: list[SecurityEvent] = []
     async with alice.connect(), bob.connect():
-        _drain_security(alice)
+        pending_security_events(alice)
         await alice.send(BOB, "lost 1")                    # cannot be decrypted by the rolled-back state
         await alice.send(BOB, "lost 2")
         with trio.fail_after(20):
@@ -80,9 +70,9 @@ async def test_restored_old_store_heals_with_exactly_one_event(world, tmp_path):
         assert await _texts(alice, 1, []) == ["bob again"]
         await alice.send(BOB, "and again")
         assert await _texts(bob, 1, bob_security) == ["and again"]
-        bob_security += _drain_security(bob)
+        bob_security += pending_security_events(bob)
         assert [(e.kind, e.user, e.device) for e in bob_security] == [("session_reset", ALICE, str(alice.address))]
-        assert _drain_security(alice) == []
+        assert pending_security_events(alice) == []
         # the loss is recorded in the history, not silent
         history = await bob.history(ALICE)
         assert [(h.kind, h.outgoing) for h in history if h.kind == "notice"] == [("notice", False)]
@@ -124,7 +114,7 @@ async def test_lost_session_resets_once_per_hour(world):
         await trio.sleep(0.3)
         shift[0] += 30 * 60_000                            # half an hour later
         await break_and_send("lost again, within the hour")
-        events += _drain_security(bob)
+        events += pending_security_events(bob)
         assert [e.kind for e in events] == ["session_reset", "decryption_failed"]
         shift[0] += 2 * HOUR_MS                            # later, a new failure resets again
         await break_and_send("lost after two hours")

@@ -5,31 +5,19 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from clientsdk.crypto.errors import MalformedMessage
 from clientsdk.crypto.verification import LookupHint, ScanVerdict
 from clientsdk.errors import ContactKeyChanged
-from clientsdk.events import SecurityEvent
 from clientsdk.verify import TrustState, VerificationError
 from federation.keys import DeviceEntry, DeviceList
-from tests.sdk.conftest import DOMAIN, collect, mock_ms
+from tests.sdk.conftest import DOMAIN, collect, mock_ms, pending_security_events
 
 ALICE = f"alice@{DOMAIN}"
 BOB = f"bob@{DOMAIN}"
 CAROL = f"carol@{DOMAIN}"
 
-
-def _security(client) -> list[SecurityEvent]:
-    out = []
-    while True:
-        try:
-            event = client.events().receive_nowait()
-        except trio.WouldBlock:
-            return out
-        if isinstance(event, SecurityEvent):
-            out.append(event)
 
 
 async def _contacts(world):
@@ -94,10 +82,10 @@ async def test_scanning_a_code_from_another_key_is_a_mismatch(world):
         with pytest.raises(ContactKeyChanged):
             await alice.send(BOB, "x")
         await alice.accept_key_change(BOB)           # alice now holds the server's key for bob
-        _security(alice)
+        pending_security_events(alice)
         assert await alice.verify_scanned(BOB, shown) is ScanVerdict.KEY_MISMATCH
         assert alice.trust(BOB) is TrustState.UNVERIFIED
-        assert [e.kind for e in _security(alice)] == ["verification_mismatch"]
+        assert [e.kind for e in pending_security_events(alice)] == ["verification_mismatch"]
     await alice.aclose()
     await bob.aclose()
 
@@ -114,13 +102,13 @@ async def test_verified_contact_with_swapped_key_stops_until_accepted(world):
                 await alice.send(BOB, "must not go out")
             assert "accepted" in str(info.value)
         assert alice.trust(BOB) is TrustState.CHANGED
-        assert [e.kind for e in _security(alice)] == ["master_key_changed"] * 2
+        assert [e.kind for e in pending_security_events(alice)] == ["master_key_changed"] * 2
         assert alice.safety_number(BOB) == number_before          # the trusted key until accepted
 
         await alice.accept_key_change(BOB)
         assert alice.trust(BOB) is TrustState.UNVERIFIED           # verify again
         assert alice.safety_number(BOB) != number_before
-        assert "master_key_accepted" in [e.kind for e in _security(alice)]
+        assert "master_key_accepted" in [e.kind for e in pending_security_events(alice)]
         assert alice._book.current(BOB).device_list.device_ids() == {"EEEEEEEEEE"}
         assert not alice._sessions.has(f"{BOB}/{bob.device_id}")   # bob's real device is not in the new list
         with pytest.raises(VerificationError):
