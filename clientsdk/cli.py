@@ -30,6 +30,7 @@ import trio
 from clientsdk.client import Client
 from clientsdk.connection import websocket_connector
 from clientsdk.errors import SdkError
+from clientsdk.group_records import GroupChanged, GroupMessageReceived
 from clientsdk.events import (
     ConnectionChanged,
     DeviceListChanged,
@@ -43,11 +44,10 @@ from federation.transport import TransportClosed
 
 EXIT_OK = 0
 EXIT_ERROR = 1
-EXIT_UNAVAILABLE = 2          # also argparse's code for bad usage
+EXIT_USAGE = 2                # argparse's code for bad usage
 EXIT_INTERRUPTED = 130
 STORE_ENV = "SECURECHAT_STORE"
 SERVER_ENV = "SECURECHAT_SERVER"
-UNAVAILABLE = ("group",)
 
 
 class CliError(Exception):
@@ -159,6 +159,12 @@ def format_event(event: Event) -> tuple[str, bool]:
         return f"! security: {event.kind} for {event.user}{where}: {event.detail}", False
     if isinstance(event, DeviceListChanged):
         return f"* devices of {event.user} now v{event.version}: {', '.join(event.devices)}", False
+    if isinstance(event, GroupMessageReceived):
+        return f"[{event.group_id[:12]}] {event.sender}: {event.text}", True
+    if isinstance(event, GroupChanged):
+        what = "removed from" if event.removed_me else "changed"
+        return (f"* group {event.group_id[:12]} ({event.name}) {what} at epoch {event.epoch}: "
+                f"{', '.join(event.changes)}"), False
     if isinstance(event, ConnectionChanged):
         return ("* connected" if event.connected else "* disconnected"), False
     return f"* {type(event).__name__}", False
@@ -327,6 +333,29 @@ async def cmd_backup(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def cmd_group(args: argparse.Namespace) -> int:
+    """``group create NAME [USER...]`` | ``list`` | ``add GID USER`` | ``remove GID USER`` | ``send GID TEXT``."""
+    async with await _open(args) as client:
+        if args.action == "list":
+            for group_id in await client.groups():
+                info = await client.group_info(group_id)
+                print(f"{group_id}  {info.name}  epoch {info.epoch}  members: {', '.join(info.members)}")
+            return EXIT_OK
+        async with client.connect():
+            if args.action == "create":
+                members = [str(_user(m)) for m in args.members]
+                print(await client.create_group(args.name, members), flush=True)
+            elif args.action == "add":
+                await client.add_member(args.group_id, str(_user(args.user)))
+                _status(f"added {args.user}")
+            elif args.action == "remove":
+                await client.remove_member(args.group_id, str(_user(args.user)))
+                _status(f"removed {args.user}")
+            else:
+                _status(f"sent {await client.send_group(args.group_id, args.text)}")
+    return EXIT_OK
+
+
 async def cmd_send(args: argparse.Namespace) -> int:
     async with await _open(args) as client:
         async with client.connect():
@@ -339,7 +368,7 @@ async def _print_events(client: Client, count: int | None) -> None:
     seen = 0
     async for event in client.events():
         _emit(event)
-        if isinstance(event, MessageReceived) and not event.outgoing:
+        if isinstance(event, (MessageReceived, GroupMessageReceived)) and not event.outgoing:
             seen += 1
             if count is not None and seen >= count:
                 break
@@ -384,11 +413,6 @@ async def _stdin_lines() -> AsyncIterator[str]:
         yield line.rstrip("\r\n")
 
 
-def cmd_unavailable(args: argparse.Namespace) -> int:
-    print(f"securechat {args.command}: not available yet in this version of the SDK", file=sys.stderr)
-    return EXIT_UNAVAILABLE
-
-
 # --- argument parsing and the entry point --------------------------------------------------
 
 
@@ -396,7 +420,7 @@ def cmd_unavailable(args: argparse.Namespace) -> int:
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
-        self.exit(EXIT_UNAVAILABLE, f"{self.prog}: error: {message}\n")
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -438,6 +462,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protect", choices=["key", "phrase"], default="key",
                    help="a random recovery key (default) or a passphrase; either is read from stdin/prompt")
     p.set_defaults(run=cmd_backup)
+    group_parser = sub.add_parser("group", help="groups: create | list | add | remove | send")
+    group_sub = group_parser.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    for action, positionals, help_text in (
+            ("create", (("name", None), ("members", "*")), "create a group: NAME [USER...]"),
+            ("list", (), "list this device's groups"),
+            ("add", (("group_id", None), ("user", None)), "add USER to the group"),
+            ("remove", (("group_id", None), ("user", None)), "remove USER from the group"),
+            ("send", (("group_id", None), ("text", None)), "send TEXT to the group")):
+        p = group_sub.add_parser(action, help=help_text)
+        p.add_argument("--store", help=f"store file (default ${STORE_ENV} or ~/.local/share/securechat/USER.db)")
+        p.add_argument("--server", help=f"ws://HOST:PORT/c2s (default ${SERVER_ENV} or the one used at register)")
+        p.add_argument("--as", dest="as_user", type=_user, help="the account whose default store to use")
+        for name, nargs in positionals:
+            p.add_argument(name, nargs=nargs)
+        p.set_defaults(run=cmd_group)
     p = command("send", "send one message")
     p.add_argument("to", type=_user)
     p.add_argument("text")
@@ -449,10 +488,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("to", type=_user)
     p.add_argument("--history", type=int, default=50, help="how many stored messages to show first")
     p.set_defaults(run=cmd_chat)
-    for name in UNAVAILABLE:
-        p = sub.add_parser(name, help="not available yet")
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(run=None)
     return parser
 
 
@@ -481,8 +516,6 @@ def _describe(exc: BaseException) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.run is None:
-        return cmd_unavailable(args)
     try:
         return trio.run(args.run, args)
     except KeyboardInterrupt:

@@ -72,11 +72,32 @@ def test_secrets_are_never_options() -> None:
     assert info.value.code == 2
 
 
-def test_unavailable_commands_exit_2(isolated, monkeypatch, capsys) -> None:
-    for argv in (["group", "create", "team"],):
-        code, out, err = run_main(monkeypatch, capsys, argv)
-        assert code == cli.EXIT_UNAVAILABLE
-        assert "not available yet" in err and out == ""
+def test_group_create_send_listen_remove(server, isolated, monkeypatch, capsys) -> None:
+    carol, dave = f"gcarol@{DOMAIN}", f"gdave@{DOMAIN}"
+    stores = {u: isolated / f"{u}.db" for u in (carol, dave)}
+    for user in (carol, dave):
+        code, _, err = run_main(monkeypatch, capsys, ["register", user, "--server", server.url,
+                                                      "--store", str(stores[user])], f"pw-{user}-123\npp {user}\n")
+        assert code == 0, err
+    code, out, err = run_main(monkeypatch, capsys, ["group", "create", "--store", str(stores[carol]), "team", dave],
+                              f"pp {carol}\n")
+    assert code == 0, err
+    group_id = out.strip()
+    assert len(group_id) == 64
+    code, _, err = run_main(monkeypatch, capsys, ["group", "send", "--store", str(stores[carol]), group_id,
+                                                  "hello team"], f"pp {carol}\n")
+    assert code == 0, err
+    code, out, _ = run_main(monkeypatch, capsys, ["listen", "--store", str(stores[dave]), "--count", "1"],
+                            f"pp {dave}\n")
+    assert code == 0 and out == f"[{group_id[:12]}] {carol}: hello team\n"
+    code, out, _ = run_main(monkeypatch, capsys, ["group", "list", "--store", str(stores[dave])], f"pp {dave}\n")
+    assert code == 0 and group_id in out and "team" in out
+    code, _, err = run_main(monkeypatch, capsys, ["group", "remove", "--store", str(stores[carol]), group_id, dave],
+                            f"pp {carol}\n")
+    assert code == 0, err
+    with pytest.raises(SystemExit) as info:                   # usage error: USER missing
+        run_main(monkeypatch, capsys, ["group", "add", "--store", str(stores[carol]), group_id], f"pp {carol}\n")
+    assert info.value.code == cli.EXIT_USAGE
 
 
 def test_missing_secret_on_stdin_is_a_clear_error(isolated, monkeypatch, capsys) -> None:
