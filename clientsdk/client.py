@@ -16,7 +16,6 @@ stored, so a crash loses nothing and never reuses a message key.
 
 from __future__ import annotations
 
-import logging
 import math
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -30,57 +29,44 @@ import trio
 from clientsdk.account import Account, ClientOptions
 from clientsdk.background import BackgroundMixin
 from clientsdk.backups import BackupMixin
-from clientsdk.connection import CLOSE_REPLACED, CLOSE_REVOKED, Connector
+from clientsdk.connection import Connector
 from clientsdk.contacts import Contact
 from clientsdk.content import TEXT, Content
 from clientsdk.crypto.errors import CryptoError
 from clientsdk.crypto.identity import (
-    DeviceIdentity, MasterKey, PrekeyStore, VerifiedDeviceList, add_device, needs_resign, new_device_list,
-    resign_device_list,
+    DeviceIdentity, MasterKey, PrekeyStore, VerifiedDeviceList, add_device, new_device_list,
 )
 from clientsdk.crypto.primitives import ct_equal
 from clientsdk.crypto.session import Session
 from clientsdk.devices import DevicesMixin
-from clientsdk.errors import NotConnected, NotMasterDevice, SdkError, SendFailed, StoreCorrupted
-from clientsdk.events import ConnectionChanged, Event, MessageReceived, SecurityEvent
+from clientsdk.errors import NotConnected, NotMasterDevice, SendFailed, StoreCorrupted
+from clientsdk.events import Event, MessageReceived, SecurityEvent
 from clientsdk.groups import GroupsMixin
 from clientsdk.inbox import InboxMixin
+from clientsdk.lifecycle import ConnectionMixin
 from clientsdk.resets import KV_NAME as RESETS_KV, ResetBook
 from clientsdk.sessions import SessionBook, verified_bundle
 from clientsdk.store import Batch, HistoryEntry, Store
-from clientsdk.upkeep import plan_prekey_upload
 from clientsdk.verify import TrustBook, VerifyMixin
-from federation import signing
 from federation.addresses import DeviceAddress, UserAddress, new_device_id
 from federation.errors import ErrorCode
 from federation.keys import BadBundle, DeviceEntry, SignedDeviceList
 from federation.rpc import RemoteError, RpcClient, open_rpc
-from federation.signing import Purpose
 from federation.transport import TransportClosed
 
-log = logging.getLogger(__name__)
 
 MessageHandler = Callable[[MessageReceived], Awaitable[None]]
 
-PROCESSED_KEEP_MS = 31 * 86_400_000            # dedupe keys outlive the server's redelivery window
 MAX_STALE_RETRIES = 4
-ENVELOPE_BATCH = 100
-MAINTENANCE_INTERVAL_S = 6 * 3600
 DEFAULT_OPTIONS = ClientOptions()
 
-
-def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
-    out: list[BaseException] = []
-    for exc in group.exceptions:
-        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
-    return out
 
 
 def _new_message_id() -> str:
     return secrets.token_hex(16)
 
 
-class Client(InboxMixin, BackgroundMixin, BackupMixin, VerifyMixin, DevicesMixin, GroupsMixin):
+class Client(ConnectionMixin, InboxMixin, BackgroundMixin, BackupMixin, VerifyMixin, DevicesMixin, GroupsMixin):
     """One device's view of the world.  Create with ``register``, ``login`` or ``open``."""
 
     def __init__(self, store: Store, account: Account, prekeys: PrekeyStore, *, connector: Connector | None,
@@ -242,177 +228,6 @@ class Client(InboxMixin, BackgroundMixin, BackupMixin, VerifyMixin, DevicesMixin
     async def history(self, conversation: str, limit: int = 100) -> list[HistoryEntry]:
         """The stored messages of a 1:1 conversation (decrypted from the store), oldest first."""
         return await trio.to_thread.run_sync(self._store.history, conversation, limit, limiter=self._store_limiter)
-
-    # --- connection --------------------------------------------------------------------------
-
-    @asynccontextmanager
-    async def connect(self, connector: Connector | None = None) -> AsyncIterator[Client]:
-        """Stay connected (reconnecting with backoff) for the block; enters once authenticated."""
-        connector = connector or self._connector
-        if connector is None:
-            raise NotConnected("no connector given")
-        if self._running:
-            raise NotConnected("this client is already connected")
-        self._running = True
-        self._stopping = False
-        try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(self._connection_loop, connector, nursery)
-                try:
-                    yield self
-                finally:
-                    self._stopping = True
-                    rpc = self._rpc
-                    if rpc is not None:
-                        # Close while the transport's reader still runs, so the close handshake completes.
-                        with trio.CancelScope(shield=True):
-                            await rpc.transport.aclose()
-                    nursery.cancel_scope.cancel()
-        finally:
-            self._running = False
-
-    async def _connection_loop(self, connector: Connector, transport_nursery: trio.Nursery,
-                               task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Connect, authenticate, pump; on loss, back off (with jitter) and do it again.
-
-        Transports' own tasks (a WebSocket reader) live in ``transport_nursery``, which
-        outlives each connection, so a close handshake can complete even when this
-        connection's tasks are torn down by an error.
-        """
-        attempt = 0
-        started = False
-        while True:
-            close_code: int | None = None
-            try:
-                async with trio.open_nursery() as conn_nursery:
-                    transport = await connector(transport_nursery)
-                    async with open_rpc(transport) as rpc:
-                        auth = await self._authenticate(rpc)
-                        attempt = 0
-                        self._rpc = rpc
-                        self._connected.set()
-                        self._emit(ConnectionChanged(True))
-                        await self._after_connect(rpc, auth)
-                        if not started:
-                            started = True
-                            task_status.started()
-                        conn_nursery.start_soon(self._maintenance, rpc)
-                        conn_nursery.start_soon(self._background_sends)
-                        conn_nursery.start_soon(self._group_background)
-                        if self._resets.unsent or self._receipts_due:
-                            self._work_ready.set()
-                        await self._pump(rpc)
-                        close_code = rpc.close_code
-                    conn_nursery.cancel_scope.cancel()
-            except* TransportClosed as group:
-                close_code = next((e.code for e in _leaves(group) if isinstance(e, TransportClosed)), None)
-                log.info("connection of %s closed (code %s)", self.address, close_code)
-            except* (RemoteError, SdkError, trio.BrokenResourceError, trio.ClosedResourceError) as group:
-                log.info("connection of %s lost: %s", self.address,
-                         ", ".join(type(e).__name__ for e in _leaves(group)))
-            finally:
-                if self._rpc is not None:
-                    self._rpc = None
-                    self._connected = trio.Event()
-                    self._emit(ConnectionChanged(False))
-            if self._stopping:
-                return
-            if close_code in (CLOSE_REVOKED, CLOSE_REPLACED) or self.revoked:
-                self.revoked = self.revoked or close_code == CLOSE_REVOKED
-                if not started:
-                    task_status.started()
-                return
-            await trio.sleep(self._options.backoff.delay(attempt))
-            attempt += 1
-
-    async def _authenticate(self, rpc: RpcClient) -> dict[str, Any]:
-        """Signed challenge (DESIGN §5): nothing reusable crosses the wire."""
-        challenge = await rpc.request("challenge")
-        domain = challenge.get("domain")
-        if domain != self.address.domain:
-            raise SendFailed("the server does not serve this account's domain", code="unknown_domain")
-        fields = {"domain": domain, "device": str(self.address), "nonce": challenge["nonce"],
-                  "ts_ms": challenge["now_ms"]}
-        answer = await rpc.request("auth", **fields,
-                                   sig=signing.sign(self._identity.signing_key, Purpose.C2S_AUTH, fields))
-        self._auth_state = str(answer.get("state", "active"))
-        return answer
-
-    async def _wait_rpc(self) -> RpcClient:
-        while self._rpc is None:
-            if self.revoked:
-                raise NotConnected("this device was revoked")
-            if not self._running:
-                raise NotConnected("use 'async with client.connect():' first")
-            await self._connected.wait()
-        return self._rpc
-
-    async def _after_connect(self, rpc: RpcClient, auth: dict[str, Any]) -> None:
-        """Housekeeping on every connect: prekeys topped up, signed prekey rotated, own list re-signed."""
-        counts = auth.get("prekeys") or {}
-        await self._top_up_prekeys(rpc, int(counts.get("one_time", 0)))
-        if self._master is not None:
-            own = self._book.current(self.user)
-            if own is not None and needs_resign(own.device_list, self._clock()):
-                await self._publish_own_list(rpc, resign_device_list(self._master, own.device_list, self._clock()))
-        cutoff = self._clock() - PROCESSED_KEEP_MS
-        await trio.to_thread.run_sync(self._store.prune_processed, cutoff, limiter=self._store_limiter)
-        async with self._lock:
-            before = self._resets.to_bytes()
-            self._resets.prune(self._clock())
-            if self._resets.to_bytes() != before:
-                await self._persist(Batch(kv={RESETS_KV: self._resets.to_bytes()}))
-
-    async def _maintenance(self, rpc: RpcClient) -> None:
-        """While connected: rotate the signed prekey and re-sign my list when they age (trio.sleep: MockClock)."""
-        while True:
-            await trio.sleep(MAINTENANCE_INTERVAL_S)
-            counts = await rpc.request("key_count")
-            await self._after_connect(rpc, {"prekeys": counts})
-
-    async def _top_up_prekeys(self, rpc: RpcClient, one_time_count: int) -> None:
-        async with self._lock:
-            params = plan_prekey_upload(self._prekeys, self._identity, self._clock(), one_time_count,
-                                        self._options.one_time_prekeys)
-            if params is None:
-                return
-            await self._persist(Batch(kv={"prekeys": self._prekeys.to_bytes()}))   # private halves first
-        await rpc.request("upload_keys", **params)
-
-    async def _pump(self, rpc: RpcClient) -> None:
-        """Route pushes until the connection ends: envelopes in batches, then keys and lists."""
-        while True:
-            try:
-                push = await rpc.pushes.receive()
-            except (trio.EndOfChannel, trio.ClosedResourceError):
-                return
-            if push.kind == "envelope":
-                batch = [push]
-                while len(batch) < ENVELOPE_BATCH:
-                    try:
-                        nxt = rpc.pushes.receive_nowait()
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                    if nxt.kind != "envelope":
-                        await self._handle_envelopes(rpc, batch)
-                        batch = []
-                        await self._handle_push(rpc, nxt)
-                        continue
-                    batch.append(nxt)
-                if batch:
-                    await self._handle_envelopes(rpc, batch)
-            else:
-                await self._handle_push(rpc, push)
-
-    async def _handle_push(self, rpc: RpcClient, push: Any) -> None:
-        fields = push.fields
-        if push.kind == "prekeys_low":
-            await self._top_up_prekeys(rpc, int(fields.get("one_time", 0)))
-        elif push.kind == "device_list_changed":
-            self._book.mark_stale(str(fields.get("user", "")))
-        elif push.kind == "device_revoked":
-            self.revoked = True
-            self._emit(SecurityEvent("device_revoked", self.user, str(self.address), "this device was revoked"))
 
     # --- events ----------------------------------------------------------------------------
 
