@@ -48,6 +48,8 @@ class PushKind(StrEnum):
     DEVICE_LIST_CHANGED = "device_list_changed"
     PREKEYS_LOW = "prekeys_low"
     DEVICE_REVOKED = "device_revoked"
+    BACKLOG_DONE = "backlog_done"          # the mailbox backlog present at connect time was pushed
+    DELIVERY_REPORT = "delivery_report"    # a remote server's signed coverage report on our send
 
 
 @dataclass(frozen=True, slots=True)

@@ -120,6 +120,42 @@ class OutboundQueue:
         self._push(env, size)
         return env
 
+    def add(self, env: Envelope) -> None:
+        """Queue an envelope that durable storage has already numbered.
+
+        The homeserver assigns ``seq`` inside the same database write that stores the
+        envelope (so a failed write can never leave a gap); the in-memory queue then
+        only checks that numbering and its own agree.
+        """
+        check_envelope_binding(env, self.origin, self.destination)
+        if env.seq != self._next_seq[env.cls]:
+            raise ValueError(f"{env.cls.value} envelope seq {env.seq} is not the next one "
+                             f"({self._next_seq[env.cls]})")
+        if env.id in self._sizes:
+            raise ValueError("envelope id already queued")
+        size = len(codec.encode(env.to_wire(), _ENVELOPE_LIMITS))
+        self._next_seq[env.cls] += 1
+        self._push(env, size)
+
+    @classmethod
+    def restore(cls, origin: str, destination: str, *, next_seq: dict[EnvelopeClass, int], failures: int,
+                next_attempt_ms: int, last_failure_ms: int, envelopes: Sequence[Envelope],
+                config: OutboundConfig | None = None) -> OutboundQueue:
+        """Rebuild a queue from storage rows after a restart (unacked envelopes are sent again)."""
+        queue = cls(origin, destination, config)
+        queue._next_seq.update(next_seq)
+        queue._failures = failures
+        queue._next_attempt_ms = next_attempt_ms
+        queue._last_failure_ms = last_failure_ms
+        for env in envelopes:
+            queue._push(env, len(codec.encode(env.to_wire(), _ENVELOPE_LIMITS)))
+        return queue
+
+    @property
+    def backoff_state(self) -> tuple[int, int, int]:
+        """(failures, next_attempt_ms, last_failure_ms): what storage keeps across restarts."""
+        return self._failures, self._next_attempt_ms, self._last_failure_ms
+
     def _push(self, env: Envelope, size: int) -> None:
         heapq.heappush(self._pending[env.cls], (env.seq, env))
         self._sizes[env.id] = size

@@ -189,8 +189,10 @@ async def _run_handler(handler: ConnectionHandler, transport: Transport) -> None
 class WebSocketTransport(Transport):
     """A trio-websocket connection carrying one binary message per frame."""
 
-    def __init__(self, ws: trio_websocket.WebSocketConnection, owner: trio.Nursery | None = None) -> None:
+    def __init__(self, ws: trio_websocket.WebSocketConnection, owner: trio.Nursery | None = None,
+                 max_frame: int | None = None) -> None:
         self._ws = ws
+        self._max_frame = max_frame       # tighter than the listener's limit (one port, several paths)
         self._closed_locally = False
         remote = ws.remote
         self.remote = str(getattr(remote, "address", remote))
@@ -224,6 +226,9 @@ class WebSocketTransport(Transport):
         if isinstance(message, str):
             await self._ws.aclose(CLOSE_PROTOCOL_ERROR, "binary frames only")
             raise TransportClosed(CLOSE_PROTOCOL_ERROR, "text frame received")
+        if self._max_frame is not None and len(message) > self._max_frame:
+            await self.aclose(CLOSE_TOO_BIG, "frame too large")
+            raise TransportClosed(CLOSE_TOO_BIG, "frame too large")
         return message
 
     async def aclose(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
@@ -254,12 +259,17 @@ async def connect_websocket(nursery: trio.Nursery, url: str, *, max_frame: int =
 
 async def serve_websocket_transport(handlers: dict[str, ConnectionHandler], host: str, port: int, *,
                                     max_frame: int = DEFAULT_MAX_FRAME,
+                                    path_max_frame: dict[str, int] | None = None,
                                     ssl_context: ssl.SSLContext | None = None,
                                     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve WebSocket connections, routing by request path (e.g. ``{"/c2s": handle}``).
 
+    ``max_frame`` bounds every path; ``path_max_frame`` may raise it for some paths
+    (a larger frame on another path still closes that connection with 1009).
     ``task_status.started`` reports the bound port (useful with ``port=0``).
     """
+    limits = {path: (path_max_frame or {}).get(path, max_frame) for path in handlers}
+    listener_max = max(limits.values(), default=max_frame)
 
     async def on_request(request: trio_websocket.WebSocketRequest) -> None:
         handler = handlers.get(request.path)
@@ -267,7 +277,8 @@ async def serve_websocket_transport(handlers: dict[str, ConnectionHandler], host
             await request.reject(404, body=b"unknown path")
             return
         ws = await request.accept()
-        transport = WebSocketTransport(ws)
+        limit = limits[request.path]
+        transport = WebSocketTransport(ws, max_frame=limit if limit < listener_max else None)
         try:
             await handler(transport)
         finally:
@@ -275,6 +286,6 @@ async def serve_websocket_transport(handlers: dict[str, ConnectionHandler], host
 
     async with trio.open_nursery() as nursery:
         server = await nursery.start(lambda task_status: trio_websocket.serve_websocket(
-            on_request, host, port, ssl_context, max_message_size=max_frame, message_queue_size=16,
+            on_request, host, port, ssl_context, max_message_size=listener_max, message_queue_size=16,
             connect_timeout=10, disconnect_timeout=5, task_status=task_status))
         task_status.started(server.port)

@@ -18,11 +18,15 @@ from federation import codec
 from federation.frames import Op
 from federation.transport import CLOSE_GOING_AWAY, MemoryNetwork, Transport, serve_websocket_transport
 from homeserver.clock import Clock, wall_clock_ms
+from federation.discovery import Discovery
+from federation.links import MAX_FED_FRAME, memory_listener_name, serve_federation_connection
+from federation.s2s import EnvelopeKind
 from homeserver.config import Config
 from homeserver.connection import Dispatcher, Session, serve_connection
 from homeserver.handlers.accounts import AccountsHandler
 from homeserver.handlers.auth import AuthHandler
 from homeserver.handlers.directory import DeviceDirectory
+from homeserver.handlers.federation import Federation
 from homeserver.handlers.keys import KeysHandler
 from homeserver.handlers.mailbox import MailboxHandler
 from homeserver.passwords import PasswordHasher
@@ -37,7 +41,8 @@ class Homeserver:
     """All handlers of one homeserver over one storage."""
 
     def __init__(self, config: Config, storage: Storage, server_keys: list[ServerKey],
-                 clock: Clock = wall_clock_ms) -> None:
+                 clock: Clock = wall_clock_ms, *, memory_network: MemoryNetwork | None = None,
+                 discovery: Discovery | None = None) -> None:
         self.config = config
         self.storage = storage
         self.server_keys = server_keys
@@ -69,9 +74,24 @@ class Homeserver:
         d.add(Op.REVOKE_DEVICE, self.keys.revoke_device)
         d.add(Op.SEND, self.mailbox.send)
         d.add(Op.ACK, self.mailbox.ack)
+        self.federation: Federation | None = None
+        if config.federation.enabled:
+            self.federation = self._wire_federation(memory_network, discovery)
         self.sessions: set[Session] = set()
         self.ports: dict[str, int] = {}          # bound listener ports, for the discovery document
         self.started_ms = clock()
+
+    def _wire_federation(self, memory_network: MemoryNetwork | None, discovery: Discovery | None) -> Federation:
+        fed = Federation(self.config, self.storage.federation, self.server_keys, self.limiter, self.clock,
+                         discovery=discovery, memory_network=memory_network)
+        self.keys.remote = self.mailbox.remote = fed.remote
+        self.mailbox.outbound = fed.outbound
+        fed.remote.local_device_list = self.keys.local_device_list
+        fed.remote.local_claim = lambda user, device_ids: self.keys.claim_for(user, device_ids)
+        fed.remote.notify_local = self.directory.notify_list_changed
+        fed.inbound.handlers[EnvelopeKind.MESSAGE] = self.mailbox.deliver_remote
+        fed.inbound.handlers[EnvelopeKind.DELIVERY_REPORT] = self.mailbox.deliver_report
+        return fed
 
     async def _ping(self, session: Session, params: dict[str, Any]) -> dict[str, Any]:
         return {"ts_ms": self.clock()}
@@ -91,6 +111,13 @@ class Homeserver:
             return
         await serve_connection(transport, self.dispatcher, self._on_open, self._on_close, self.codec_limits)
 
+    async def handle_federation_connection(self, transport: Transport) -> None:
+        """A peer server's persistent link (``/fed``): transactions and key requests."""
+        if self.federation is None:
+            await transport.aclose(1008, "federation is disabled on this server")
+            return
+        await serve_federation_connection(transport, self.federation, transport.remote)
+
     def _on_open(self, session: Session) -> None:
         self.sessions.add(session)
 
@@ -104,6 +131,8 @@ class Homeserver:
     async def housekeep_once(self) -> dict[str, int]:
         now = self.clock()
         counts = dict(await self.storage.mailboxes.expire(now))
+        if self.federation is not None:
+            counts.update({f"federation_{k}": v for k, v in (await self.storage.federation.expire(now)).items()})
         counts["nonces"] = self.auth.expire_nonces(now)
         counts["rate_buckets"] = self.limiter.prune()
         return counts
@@ -133,9 +162,12 @@ class Homeserver:
 
     async def health(self) -> dict[str, Any]:
         counts = await self.storage.mailboxes.counts()
-        return {"status": "draining" if self.mailbox.draining else "ok", "domain": self.config.domain,
-                "connections": len(self.sessions), "mailbox": counts,
-                "uptime_s": (self.clock() - self.started_ms) // 1000}
+        health = {"status": "draining" if self.mailbox.draining else "ok", "domain": self.config.domain,
+                  "connections": len(self.sessions), "mailbox": counts,
+                  "uptime_s": (self.clock() - self.started_ms) // 1000}
+        if self.federation is not None:
+            health["federation"] = {"outbound": self.federation.outbound.stats()}
+        return health
 
 
 @dataclass
@@ -154,6 +186,7 @@ class RunningServer:
 
 async def serve(config: Config, server_keys: list[ServerKey], *, storage: Storage | None = None,
                 memory_network: MemoryNetwork | None = None, clock: Clock = wall_clock_ms,
+                discovery: Discovery | None = None,
                 task_status: trio.TaskStatus[RunningServer] = trio.TASK_STATUS_IGNORED) -> None:
     """Run a homeserver until ``RunningServer.stop`` is set, then shut down gracefully.
 
@@ -169,21 +202,34 @@ async def serve(config: Config, server_keys: list[ServerKey], *, storage: Storag
         if storage is None:
             config.data_dir.mkdir(parents=True, exist_ok=True)
             storage = await open_storage(config.storage_url, nursery)
-        hs = Homeserver(config, storage, server_keys, clock)
+        hs = Homeserver(config, storage, server_keys, clock, memory_network=memory_network, discovery=discovery)
         http_stop = trio.Event()
         async with trio.open_nursery() as listeners:
             if memory_network is not None:
                 await listeners.start(lambda task_status: memory_network.serve(
                     config.domain, hs.handle_connection, max_frame=config.limits.max_frame_bytes,
                     task_status=task_status))
+                await listeners.start(lambda task_status: memory_network.serve(
+                    memory_listener_name(config.domain), hs.handle_federation_connection, max_frame=MAX_FED_FRAME,
+                    task_status=task_status))
                 ws_port = http_port = 0
             else:
                 ws_port = await listeners.start(lambda task_status: serve_websocket_transport(
-                    {"/c2s": hs.handle_connection}, config.websocket_host, config.websocket_port,
-                    max_frame=config.limits.max_frame_bytes, task_status=task_status))
+                    {"/c2s": hs.handle_connection, "/fed": hs.handle_federation_connection},
+                    config.websocket_host, config.websocket_port, max_frame=config.limits.max_frame_bytes,
+                    path_max_frame={"/fed": MAX_FED_FRAME}, task_status=task_status))
                 hs.ports["ws"] = ws_port
                 http_port = await listeners.start(serve_http, hs, config.http_host, config.http_port, http_stop)
             listeners.start_soon(hs.housekeeping)
+            federation_scope = trio.CancelScope()
+            if hs.federation is not None:
+                federation = hs.federation
+
+                async def run_federation(task_status: trio.TaskStatus[None]) -> None:
+                    with federation_scope:
+                        await federation.run(task_status=task_status)
+
+                await listeners.start(run_federation)
             running = RunningServer(hs, ws_port, http_port)
             log.info("homeserver %s listening: c2s ws port %s, http port %s", config.domain, ws_port, http_port)
             task_status.started(running)
@@ -191,6 +237,10 @@ async def serve(config: Config, server_keys: list[ServerKey], *, storage: Storag
             log.info("shutting down: draining connections")
             await hs.drain(config.shutdown_grace_s)
             http_stop.set()
+            federation_scope.cancel()            # stop sending before storage closes
+            if hs.federation is not None:
+                with trio.CancelScope(shield=True):
+                    await hs.federation.aclose()
             if own_storage:
                 await storage.aclose()
             listeners.cancel_scope.cancel()

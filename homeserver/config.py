@@ -47,6 +47,34 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
+class FederationConfig:
+    """Server-to-server settings (issue 5): who we talk to, how, and how much we accept."""
+
+    enabled: bool = True
+    transport: str = "websocket"                 # websocket | http
+    static: dict[str, str] = field(default_factory=dict)   # domain -> base URL of its HTTP listener
+    insecure_domains: frozenset[str] = frozenset()         # may be discovered over plain HTTP
+    allow: frozenset[str] = frozenset()          # empty: every domain not denied
+    deny: frozenset[str] = frozenset()
+    transactions_per_origin: Rate = Rate(200, 1_000)
+    requests_per_origin: Rate = Rate(100, 500)
+    max_held_per_origin: int = 10_000            # envelopes held back behind a seq gap
+    max_in_flight: int = 4                       # transactions per destination
+    max_batch_envelopes: int = 100
+    batch_wait_ms: int = 5
+    backoff_base_ms: int = 1_000
+    backoff_cap_ms: int = 10 * 60 * 1000
+    digest_interval_s: float = 600.0             # device-list digest comparison per peer
+    request_timeout_s: float = 30.0
+
+    def permits(self, domain: str) -> bool:
+        """Whether we federate with ``domain`` at all (deny wins over allow)."""
+        if domain in self.deny:
+            return False
+        return not self.allow or domain in self.allow
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     domain: str
     data_dir: Path
@@ -65,6 +93,7 @@ class Config:
     shutdown_grace_s: float = 10.0
     log_level: str = "info"
     limits: Limits = field(default_factory=Limits)
+    federation: FederationConfig = field(default_factory=FederationConfig)
 
     @property
     def sqlite_path(self) -> Path:
@@ -103,6 +132,7 @@ def load_config(path: str | Path) -> Config:
     storage = raw.get("storage", {})
     mailbox = raw.get("mailbox", {})
     limits_raw = raw.get("limits", {})
+    federation_raw = raw.get("federation", {})
     try:
         domain = parse_domain(server["domain"])
     except KeyError:
@@ -137,7 +167,44 @@ def load_config(path: str | Path) -> Config:
         shutdown_grace_s=float(server.get("shutdown_grace_s", 10)),
         log_level=server.get("log_level", "info"),
         limits=Limits(**limit_values),
+        federation=_federation(federation_raw),
     )
+
+
+def _domains(value: Any, name: str) -> frozenset[str]:
+    if not isinstance(value, list):
+        raise ConfigError(f"federation.{name} must be a list of domains")
+    try:
+        return frozenset(parse_domain(str(d)) for d in value)
+    except AddressError as exc:
+        raise ConfigError(f"federation.{name}: {exc.message}") from None
+
+
+def _federation(raw: dict[str, Any]) -> FederationConfig:
+    known = {f.name for f in dataclasses.fields(FederationConfig)}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise ConfigError(f"unknown setting federation.{key}")
+        if key in ("allow", "deny", "insecure_domains"):
+            values[key] = _domains(value, key)
+        elif key == "static":
+            if not isinstance(value, dict):
+                raise ConfigError("federation.static must be a table of domain = base URL")
+            values[key] = {parse_domain(d): str(u) for d, u in value.items()}
+        elif key in ("transactions_per_origin", "requests_per_origin"):
+            values[key] = _rate(value, key)
+        elif key == "transport":
+            if value not in ("websocket", "http"):
+                raise ConfigError("federation.transport must be websocket or http")
+            values[key] = value
+        elif key == "enabled":
+            values[key] = bool(value)
+        elif key in ("digest_interval_s", "request_timeout_s"):
+            values[key] = float(value)
+        else:
+            values[key] = int(value)
+    return FederationConfig(**values)
 
 
 CONFIG_TEMPLATE = """\
@@ -170,6 +237,14 @@ password_memlimit = 67108864
 [mailbox]
 ttl_days = 30
 housekeeping_interval_s = 300
+
+[federation]
+enabled = true
+transport = "websocket"          # websocket (default, persistent link) | http (POST per transaction)
+# allow = ["example.net"]        # empty: federate with every domain that is not denied
+# deny = ["spam.example"]
+# static = {{ "example.net" = "https://chat.example.net" }}   # discovery without DNS (private networks)
+# insecure_domains = ["test.internal"]   # plain-HTTP discovery (loopback is always allowed)
 
 [limits]
 max_frame_bytes = 1048576

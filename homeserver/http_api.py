@@ -28,11 +28,14 @@ def discovery_document(hs: Homeserver) -> dict[str, Any]:
     config = hs.config
     ws_port, http_port = hs.ports.get("ws", config.websocket_port), hs.ports.get("http", config.http_port)
     now = hs.clock()
-    c2s = config.c2s_url() if config.public_base else f"ws://{config.websocket_host}:{ws_port}/c2s"
+    base = config.public_base or f"ws://{config.websocket_host}:{ws_port}"
+    endpoints = {"c2s": f"{base}/c2s", "http": f"http://{config.http_host}:{http_port}"}
+    if hs.federation is not None:
+        endpoints["fed"] = f"{base}/fed"
     return {
         "domain": config.domain,
         "version": 1,
-        "endpoints": {"c2s": c2s, "http": f"http://{config.http_host}:{http_port}"},
+        "endpoints": endpoints,
         "server_keys": [k.describe() for k in hs.server_keys if k.valid_until_ms > now],
     }
 

@@ -68,6 +68,9 @@ class AccountsHandler:
         if self.config.registration == "closed":
             raise RequestRejected("registration is closed on this server", code=ErrorCode.FORBIDDEN)
         user = self._local_user(params)
+        if user.startswith("="):
+            # "=server@domain" and the like are the servers' own addresses in federation.
+            raise RequestRejected("user names starting with '=' are reserved", code=ErrorCode.BAD_REQUEST)
         password = self._password(params)
         master_key = field(params, "master_key", bytes, length=32)
         device_id = check_device_id(field(params, "device_id", str))

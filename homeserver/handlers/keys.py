@@ -9,7 +9,7 @@ oldest first; with none left the signed prekey alone is the last resort.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from federation import codec
 from federation.addresses import UserAddress, check_device_id
@@ -27,6 +27,9 @@ from homeserver.ratelimit import RateLimiter
 from homeserver.storage.models import AccountStore, DeviceState, DeviceStore, MailboxStore, device_address
 from homeserver.transport_codes import CLOSE_REVOKED
 
+if TYPE_CHECKING:
+    from homeserver.handlers.federation import RemoteKeys
+
 log = logging.getLogger("securechat.keys")
 
 
@@ -40,13 +43,15 @@ class KeysHandler:
         self.directory = directory
         self.limiter = limiter
         self.clock = clock
+        self.remote: RemoteKeys | None = None      # set by the composition root when federation is on
 
-    def _local_user(self, text: str) -> str:
+    def _user(self, text: str) -> tuple[str, bool]:
+        """(normalised user address, whether it is served here); remote ones need federation."""
         user = UserAddress.parse(text)
-        if user.domain != self.config.domain:
+        if user.domain != self.config.domain and self.remote is None:
             raise RequestRejected(f"{user.domain} is not served here (federation is not enabled)",
                                   code=ErrorCode.UNKNOWN_DOMAIN)
-        return str(user)
+        return str(user), user.domain == self.config.domain
 
     # -- uploads ------------------------------------------------------------------------
     async def upload_keys(self, session: Session, params: dict[str, Any]) -> dict[str, Any]:
@@ -113,16 +118,29 @@ class KeysHandler:
         for device_id in revoked:
             await self._disconnect_revoked(device_address(user, device_id))
         self.directory.notify_list_changed(user, device_list.version)
+        if self.remote is not None:
+            await self.remote.local_list_changed(user, device_list.version, signed.body, signed.signature)
         log.info("device list of %s now version %d", user, device_list.version)
         return {"version": device_list.version, "revoked": list(revoked)}
 
     async def get_device_list(self, session: Session, params: dict[str, Any]) -> dict[str, Any]:
-        user = self._local_user(field(params, "user", str, max_length=330))
+        user, local = self._user(field(params, "user", str, max_length=330))
+        if local:
+            answer = await self.local_device_list(user)
+        else:
+            assert self.remote is not None
+            entry = await self.remote.device_list(user)
+            answer = {"user": user, "master_key": entry.master_key, "version": entry.version,
+                      "device_list": SignedDeviceList(entry.body, entry.sig).to_wire()}
+        self.directory.watch(user, session.device)
+        return answer
+
+    async def local_device_list(self, user: str) -> dict[str, Any]:
+        """A local user's master key and signed list, as served to clients and to other servers."""
         account = await self.accounts.get_account(user)
         stored = await self.devices.get_device_list(user)
         if account is None or stored is None:
             raise RequestRejected("no such user", code=ErrorCode.NOT_FOUND)
-        self.directory.watch(user, session.device)
         return {"user": user, "master_key": account.master_key, "version": stored.version,
                 "device_list": SignedDeviceList(stored.body, stored.signature).to_wire()}
 
@@ -156,22 +174,36 @@ class KeysHandler:
 
     # -- claims -------------------------------------------------------------------------
     async def claim(self, session: Session, params: dict[str, Any]) -> dict[str, Any]:
-        user = self._local_user(field(params, "user", str, max_length=330))
+        user, local = self._user(field(params, "user", str, max_length=330))
         wanted_raw = params.get("device_ids")
-        devices = await self.directory.devices_of(user)
-        if not devices:
-            raise RequestRejected("no such user", code=ErrorCode.NOT_FOUND)
-        own_user = user == session.user
-        candidates = [d for d in devices.values()
-                      if d.state is DeviceState.ACTIVE or (own_user and d.state is DeviceState.PENDING)]
-        candidates = [d for d in candidates if not (own_user and d.device_id == session.device_id)]
         if wanted_raw is not None:
             if not isinstance(wanted_raw, list) or not all(isinstance(x, str) for x in wanted_raw):
                 raise ProtocolError("device_ids must be a list of strings")
-            wanted = {check_device_id(x) for x in wanted_raw}
+            wanted_raw = sorted({check_device_id(x) for x in wanted_raw})
+        if not local:
+            assert self.remote is not None
+            self.limiter.take("claim", session.device, self.config.limits.claims_per_device,
+                              cost=max(1, len(wanted_raw or ())))
+            return await self.remote.claim(user, wanted_raw)
+        return await self.claim_for(user, wanted_raw, requester=session)
+
+    async def claim_for(self, user: str, wanted_ids: list[str] | None,
+                        requester: Session | None = None) -> dict[str, Any]:
+        """Claim one bundle per wanted device of a local ``user`` (for a local session or a remote server)."""
+        devices = await self.directory.devices_of(user)
+        if not devices:
+            raise RequestRejected("no such user", code=ErrorCode.NOT_FOUND)
+        own_user = requester is not None and user == requester.user
+        candidates = [d for d in devices.values()
+                      if d.state is DeviceState.ACTIVE or (own_user and d.state is DeviceState.PENDING)]
+        candidates = [d for d in candidates
+                      if not (own_user and requester is not None and d.device_id == requester.device_id)]
+        if wanted_ids is not None:
+            wanted = {check_device_id(x) for x in wanted_ids}
             candidates = [d for d in candidates if d.device_id in wanted]
-        self.limiter.take("claim", session.device, self.config.limits.claims_per_device,
-                          cost=max(1, len(candidates)))
+        if requester is not None:
+            self.limiter.take("claim", requester.device, self.config.limits.claims_per_device,
+                              cost=max(1, len(candidates)))
         bundles, missing = [], []
         now = self.clock()
         for device in sorted(candidates, key=lambda d: d.device_id):

@@ -17,22 +17,29 @@ from __future__ import annotations
 import hashlib
 import heapq
 import logging
+import os
 from collections import defaultdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from federation import codec
-from federation.addresses import DeviceAddress
+from federation.addresses import DeviceAddress, UserAddress
 from federation.errors import ErrorCode, ProtocolError, RequestRejected
 from federation.frames import Push, PushKind
+from federation.outbound import draft
+from federation.s2s import EnvelopeClass, EnvelopeKind
 from federation.validate import field, require_map
 from homeserver.clock import Clock
 from homeserver.config import Config
 from homeserver.connection import Deferred, Session
 from homeserver.handlers.directory import DeviceDirectory
 from homeserver.ratelimit import RateLimiter
-from homeserver.storage.models import DeviceState, MailboxEntry, MailboxStore
+from homeserver.storage.models import DeliverResult, DeviceState, MailboxEntry, MailboxStore, OutboundDraft
+
+if TYPE_CHECKING:
+    from federation.s2s import Envelope
+    from homeserver.handlers.federation import OutboundSender, RemoteKeys
 
 log = logging.getLogger("securechat.mailbox")
 MAX_MESSAGE_ID = 128
@@ -49,7 +56,14 @@ class ShuttingDown(RequestRejected):
     code = ErrorCode.SHUTTING_DOWN
 
 
+SERVER_SENDER_PREFIX = "=server@"    # mailbox entries a homeserver wrote itself (delivery reports)
+REPAIR_SUFFIX = "#repair-"            # storage key of a repair send: the id stays the sender's
+
+
 def envelope_push(entry: MailboxEntry) -> Push:
+    if entry.sender.startswith(SERVER_SENDER_PREFIX):
+        return Push(PushKind.DELIVERY_REPORT, {"seq": entry.seq, "reporter": entry.sender[len(SERVER_SENDER_PREFIX):],
+                                               "ts_ms": entry.ts_ms, "report": entry.ciphertext})
     return Push(PushKind.ENVELOPE, {"seq": entry.seq, "sender": entry.sender, "message_id": entry.message_id,
                                     "ts_ms": entry.ts_ms, "ciphertext": entry.ciphertext})
 
@@ -59,7 +73,9 @@ class DeviceDelivery:
 
     The device is attached (live entries start arriving in ``offer``) *before* the
     backlog is read, so nothing committed in between is missed; entries seen both
-    ways are skipped by ``seq``.
+    ways are skipped by ``seq``.  Once the stored backlog has been pushed, one
+    ``backlog_done {seq}`` push (``seq`` = the last entry pushed, 0 if none) tells the
+    client where it ends, so it can apply group changes waiting there before it sends.
     """
 
     def __init__(self, device: str, session: Session, mailboxes: MailboxStore) -> None:
@@ -70,6 +86,7 @@ class DeviceDelivery:
         self._heap: list[tuple[int, MailboxEntry]] = []
         self._wake = trio.Event()
         self._resync = True
+        self._backlog_reported = False
 
     def offer(self, entry: MailboxEntry) -> None:
         if len(self._heap) >= MAX_BUFFERED:
@@ -90,6 +107,9 @@ class DeviceDelivery:
             if self._resync:
                 self._resync = False
                 await self._drain_storage()
+                if not self._backlog_reported:
+                    self._backlog_reported = True
+                    await self.session.push(Push(PushKind.BACKLOG_DONE, {"seq": self.last_pushed}))
             while self._heap:
                 seq, entry = heapq.heappop(self._heap)
                 if seq > self.last_pushed:
@@ -119,6 +139,9 @@ class MailboxHandler:
         self.clock = clock
         self.draining = False
         self._deliveries: dict[str, DeviceDelivery] = {}
+        # Set by the composition root when federation is enabled.
+        self.remote: RemoteKeys | None = None
+        self.outbound: OutboundSender | None = None
 
     # -- connection lifecycle -----------------------------------------------------------
     def start_delivery(self, session: Session) -> None:
@@ -168,18 +191,21 @@ class MailboxHandler:
             payloads.append((addresses, ciphertext))
         return payloads
 
-    async def _check_coverage(self, session: Session, payloads: list[tuple[list[str], bytes]]) -> None:
+    async def _check_coverage(self, session: Session, payloads: list[tuple[list[str], bytes]],
+                              repair: bool = False) -> None:
         by_user: dict[str, set[str]] = defaultdict(set)
         for devices, _ in payloads:
             for text in devices:
                 address = DeviceAddress.parse(text)
-                if address.domain != self.config.domain:
+                if address.domain != self.config.domain and self.remote is None:
                     raise RequestRejected(f"{address.domain} is not served here (federation is not enabled)",
                                           code=ErrorCode.UNKNOWN_DOMAIN)
                 by_user[str(address.user)].add(address.device_id)
         # The sender's own user is always a recipient: every send also reaches
         # the sender's other devices, so they stay in sync (DESIGN §4 multi-device).
-        by_user.setdefault(session.user or "", set())
+        # A repair (after a delivery report) only adds devices a send missed.
+        if not repair:
+            by_user.setdefault(session.user or "", set())
         # The sender's state is read now, not at auth: a device approved while
         # connected may send to others at once.
         own_devices = await self.directory.devices_of(session.user or "")
@@ -190,6 +216,14 @@ class MailboxHandler:
                                   code=ErrorCode.FORBIDDEN)
         stale: dict[str, dict[str, list[str]]] = {}
         for user, given in by_user.items():
+            if UserAddress.parse(user).domain != self.config.domain:
+                assert self.remote is not None
+                current = await self.remote.current_devices(user)
+                missing = [] if repair else sorted(current - given)
+                extra = sorted(given - current)
+                if missing or extra:
+                    stale[user] = {"missing": missing, "extra": extra, "revoked": []}
+                continue
             devices = await self.directory.devices_of(user)
             if not devices:
                 raise RequestRejected(f"no such user {user}", code=ErrorCode.NOT_FOUND)
@@ -199,7 +233,7 @@ class MailboxHandler:
             if own:
                 required.discard(session.device_id or "")
                 allowed = required | {i for i, d in devices.items() if d.state is DeviceState.PENDING}
-            missing = sorted(required - given)
+            missing = [] if repair else sorted(required - given)
             revoked = sorted(i for i in given if i in devices and devices[i].state is DeviceState.REVOKED)
             extra = sorted(given - allowed - set(revoked))
             if missing or extra or revoked:
@@ -215,16 +249,22 @@ class MailboxHandler:
         if not message_id:
             raise ProtocolError("message_id must not be empty")
         ephemeral = field(params, "ephemeral", bool, default=False)
+        repair = field(params, "repair", bool, default=False)
+        if repair and ephemeral:
+            raise ProtocolError("an ephemeral send cannot be a repair")
         payloads = self._parse_payloads(params)
         limits = self.config.limits
         self.limiter.take("message", session.device, limits.messages_per_device)
         self.limiter.take("message-user", session.user or "", limits.messages_per_user)
         self.limiter.take("message-address", session.remote, limits.messages_per_address)
-        await self._check_coverage(session, payloads)
+        await self._check_coverage(session, payloads, repair)
         now = self.clock()
+        local, remote = self._split_by_domain(payloads)
         if ephemeral:
+            # Typing and presence stay on this server: they are not worth a durable
+            # cross-domain queue (LESSONS #7); remote devices are simply not reached.
             delivered = 0
-            for devices, ciphertext in payloads:
+            for devices, ciphertext in local:
                 push = Push(PushKind.ENVELOPE, {"seq": 0, "sender": session.device, "message_id": message_id,
                                                 "ts_ms": now, "ciphertext": ciphertext, "ephemeral": True})
                 for device in devices:
@@ -233,11 +273,14 @@ class MailboxHandler:
                         delivered += 1
             return {"message_id": message_id, "delivered": delivered}
         digest = hashlib.sha256(codec.encode([[sorted(d), c] for d, c in payloads])).digest()
+        key = f"{message_id}{REPAIR_SUFFIX}{digest[:6].hex()}" if repair else message_id
+        outbound = self._outbound_drafts(session.device, message_id, remote, repair, now)
         # New entries are handed to connected devices in commit order, by the
-        # storage writer itself, so every device's pushes follow its seq order.
-        queued = await self.mailboxes.queue_deliver(session.device, message_id, digest, payloads, now,
+        # storage writer itself, so every device's pushes follow its seq order;
+        # envelopes for other domains are queued in the same write.
+        queued = await self.mailboxes.queue_deliver(session.device, key, digest, local, now,
                                                     self.config.mailbox_ttl_ms,
-                                                    on_commit=lambda result: self._notify(result.entries))
+                                                    on_commit=self._on_delivered, outbound=outbound)
 
         async def committed() -> dict[str, Any]:
             result = await queued.result()
@@ -247,6 +290,83 @@ class MailboxHandler:
             return {"message_id": message_id, "duplicate": result.status == "duplicate"}
 
         return Deferred(committed)
+
+    def _on_delivered(self, result: DeliverResult) -> None:
+        self._notify(result.entries)
+        if result.outbound and self.outbound is not None:
+            self.outbound.on_committed(result.outbound)
+
+    def _split_by_domain(self, payloads: list[tuple[list[str], bytes]]
+                         ) -> tuple[list[tuple[list[str], bytes]], dict[str, list[tuple[list[str], bytes]]]]:
+        """(payloads for local devices, {domain: payloads for its devices}); a ciphertext may be split."""
+        local: list[tuple[list[str], bytes]] = []
+        remote: dict[str, list[tuple[list[str], bytes]]] = defaultdict(list)
+        for devices, ciphertext in payloads:
+            by_domain: dict[str, list[str]] = defaultdict(list)
+            for device in devices:
+                by_domain[DeviceAddress.parse(device).domain].append(device)
+            for domain, group in by_domain.items():
+                (local if domain == self.config.domain else remote[domain]).append((group, ciphertext))
+        return local, dict(remote)
+
+    def _outbound_drafts(self, sender: str, message_id: str, remote: dict[str, list[tuple[list[str], bytes]]],
+                         repair: bool, now: int) -> list[OutboundDraft]:
+        drafts = []
+        for domain, items in sorted(remote.items()):
+            users = sorted({str(DeviceAddress.parse(d).user) for devices, _ in items for d in devices})
+            payload = codec.encode({"message_id": message_id, "repair": repair,
+                                    "payloads": [{"devices": devices, "ciphertext": c} for devices, c in items]})
+            drafts.append(OutboundDraft(domain, EnvelopeClass.MESSAGE, draft(
+                EnvelopeKind.MESSAGE, sender, users, payload, now + self.config.mailbox_ttl_ms, os.urandom)))
+        return drafts
+
+    # -- federation: envelopes released by the inbound side ---------------------------
+    async def deliver_remote(self, origin: str, env: Envelope) -> None:
+        """A message from another domain: check coverage again here, store, report any mismatch."""
+        obj = require_map(codec.decode(env.payload), "message payload")
+        message_id = field(obj, "message_id", str, max_length=MAX_MESSAGE_ID)
+        repair = field(obj, "repair", bool, default=False)
+        payloads = self._parse_payloads(obj)
+        users = set(env.recipients)
+        stale: dict[str, dict[str, list[str]]] = {}
+        kept: set[str] = set()
+        given_by_user: dict[str, set[str]] = defaultdict(set)
+        for devices, _ in payloads:
+            for text in devices:
+                address = DeviceAddress.parse(text)
+                if address.domain != self.config.domain or str(address.user) not in users:
+                    raise ProtocolError("a payload names a device outside the envelope's recipients")
+                given_by_user[str(address.user)].add(address.device_id)
+        for user in sorted(users):
+            devices = await self.directory.devices_of(user)
+            active = {i for i, d in devices.items() if d.state is DeviceState.ACTIVE}
+            given = given_by_user.get(user, set())
+            missing = [] if repair else sorted(active - given)
+            revoked = sorted(i for i in given if i in devices and devices[i].state is DeviceState.REVOKED)
+            extra = sorted(given - active - set(revoked))
+            kept.update(f"{user}/{i}" for i in given & active)
+            if missing or extra or revoked:
+                stale[user] = {"missing": missing, "extra": extra, "revoked": revoked}
+        deliverable = [([d for d in devices if d in kept], c) for devices, c in payloads]
+        deliverable = [(devices, c) for devices, c in deliverable if devices]
+        now = self.clock()
+        digest = hashlib.sha256(codec.encode([[sorted(d), c] for d, c in payloads])).digest()
+        key = f"{message_id}{REPAIR_SUFFIX}{digest[:6].hex()}" if repair else message_id
+        if deliverable:
+            await self.mailboxes.queue_deliver(env.sender, key, digest, deliverable, now,
+                                               max(1, env.expires_ms - now), on_commit=self._on_delivered)
+        if stale and self.outbound is not None:
+            await self.outbound.report_delivery(origin, env, message_id, stale)
+
+    async def deliver_report(self, origin: str, env: Envelope) -> None:
+        """A signed delivery report about one of our devices' sends: into that device's mailbox."""
+        (device,) = env.recipients
+        DeviceAddress.parse(device)
+        now = self.clock()
+        digest = hashlib.sha256(env.payload).digest()
+        await self.mailboxes.queue_deliver(f"{SERVER_SENDER_PREFIX}{origin}", f"report:{env.id.hex()}", digest,
+                                           [([device], env.payload)], now, max(1, env.expires_ms - now),
+                                           on_commit=self._on_delivered)
 
     async def ack(self, session: Session, params: dict[str, Any]) -> dict[str, Any] | Deferred:
         seqs = field(params, "seqs", list)

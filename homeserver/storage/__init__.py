@@ -1,9 +1,9 @@
 """Homeserver storage: narrow repositories over SQLAlchemy Core, plus an in-memory fake.
 
 Handlers receive the repository they need (``AccountRepository``,
-``DeviceRepository``, ``MailboxRepository``, or the ``MemoryStorage`` ones in
-tests) through their constructors, typed as the ``AccountStore`` /
-``DeviceStore`` / ``MailboxStore`` protocols.  Only the composition root opens
+``DeviceRepository``, ``MailboxRepository``, ``FederationRepository``, or the
+``MemoryStorage`` ones in tests) through their constructors, typed as the
+``AccountStore`` / ``DeviceStore`` / ``MailboxStore`` / ``FederationStore`` protocols.  Only the composition root opens
 storage::
 
     async with trio.open_nursery() as nursery:
@@ -19,8 +19,9 @@ import trio
 from homeserver.storage.accounts import AccountRepository
 from homeserver.storage.db import DEFAULT_URL, Database, WriteFailed, create_storage_engine, open_database
 from homeserver.storage.devices import DeviceRepository
+from homeserver.storage.federation import FederationRepository
 from homeserver.storage.mailboxes import MailboxRepository
-from homeserver.storage.memory import MemoryStorage
+from homeserver.storage.memory import MemoryFederation, MemoryStorage
 from homeserver.storage.models import (
     CLAIMED_PREKEY_TTL_MS,
     MAILBOX_TTL_MS,
@@ -36,11 +37,17 @@ from homeserver.storage.models import (
     DeviceState,
     DeviceStore,
     DuplicatePrekey,
+    FederationStore,
+    HoldBackFull,
     Invite,
     InviteExists,
     InviteInvalid,
     MailboxEntry,
     MailboxStore,
+    OutboundDraft,
+    OutboundState,
+    ReceiveResult,
+    RemoteDeviceList,
     SchemaTooNew,
     Storage,
     StoredDeviceList,
@@ -59,6 +66,7 @@ class SqlStorage:
         self.accounts = AccountRepository(database)
         self.devices = DeviceRepository(database, claimed_ttl_ms=claimed_ttl_ms)
         self.mailboxes = MailboxRepository(database)
+        self.federation = FederationRepository(database)
 
     async def aclose(self) -> None:
         """Refuse new writes, flush the queued ones, close the database."""
@@ -79,8 +87,10 @@ __all__ = [
     "Account", "AccountExists", "AccountRepository", "AccountStore", "ClaimedBundle",
     "Database", "DatabaseClosed", "DeliverResult", "Device", "DeviceExists",
     "DeviceListConflict", "DeviceRepository", "DeviceState", "DeviceStore", "DuplicatePrekey",
+    "FederationRepository", "FederationStore", "HoldBackFull",
     "Invite", "InviteExists", "InviteInvalid", "MailboxEntry", "MailboxRepository",
-    "MailboxStore", "MemoryStorage", "SchemaTooNew", "SqlStorage", "Storage",
+    "MailboxStore", "MemoryFederation", "MemoryStorage", "OutboundDraft", "OutboundState",
+    "ReceiveResult", "RemoteDeviceList", "SchemaTooNew", "SqlStorage", "Storage",
     "StoredDeviceList", "UnknownDevice", "WriteFailed", "create_storage_engine",
     "device_address", "open_database", "open_storage",
 ]

@@ -18,7 +18,8 @@ import trio
 from sqlalchemy import Connection, bindparam, delete, exists, func, insert, select
 
 from homeserver.storage.db import Database, Prepared
-from homeserver.storage.models import Completion, DeliverResult, MailboxEntry
+from homeserver.storage.federation import check_drafts, insert_outbound
+from homeserver.storage.models import Completion, DeliverResult, MailboxEntry, OutboundDraft
 from homeserver.storage.schema import blobs, claimed_prekeys, invites, mailbox, message_ids
 
 CHUNK = 500     # bound on bound parameters per IN (...) list
@@ -77,7 +78,8 @@ _delete_blob_if_orphan = Prepared(delete(blobs).where(
 
 
 def _deliver(conn: Connection, sender: str, message_id: str, digest: bytes,
-             payloads: list[tuple[list[str], bytes]], now_ms: int, ttl_ms: int) -> DeliverResult:
+             payloads: list[tuple[list[str], bytes]], now_ms: int, ttl_ms: int,
+             outbound: Sequence[OutboundDraft] = ()) -> DeliverResult:
     key = {"sender": sender, "message_id": message_id}
     seen = _find_message.first(conn, key)
     if seen is not None and seen[1] > now_ms:
@@ -103,7 +105,9 @@ def _deliver(conn: Connection, sender: str, message_id: str, digest: bytes,
                 raise RuntimeError("INSERT ... RETURNING returned no row")
             entries.append(MailboxEntry(int(entry[0]), device, sender, message_id, ciphertext,
                                         now_ms))
-    return DeliverResult("new", tuple(entries))
+    # Remote copies are queued in the same op: stored locally <=> queued for the remote domains.
+    queued = tuple(insert_outbound(conn, outbound, now_ms)) if outbound else ()
+    return DeliverResult("new", tuple(entries), queued)
 
 
 def _pending(conn: Connection, device: str, after_seq: int, limit: int) -> list[MailboxEntry]:
@@ -181,22 +185,33 @@ class MailboxRepository:
 
     async def deliver(self, sender: str, message_id: str, digest: bytes,
                       payloads: list[tuple[list[str], bytes]], now_ms: int,
-                      ttl_ms: int) -> DeliverResult:
+                      ttl_ms: int, outbound: Sequence[OutboundDraft] = ()) -> DeliverResult:
         """Store a send exactly once per (sender, message_id); ONE write op.
 
         Same id and digest again -> ``duplicate``; same id, other digest ->
-        ``conflict``; neither adds rows.  Otherwise every ciphertext is stored
-        once with one entry per device, and the new entries come back with their seq.
+        ``conflict``; neither adds rows nor queues anything.  Otherwise every
+        ciphertext is stored once with one entry per device, and the new entries
+        come back with their seq; ``outbound`` (envelopes for remote domains) is
+        queued in the same op and comes back numbered.  ``payloads`` may be empty
+        (every other device is remote): the message id is still recorded.
         """
-        return await (await self.queue_deliver(sender, message_id, digest, payloads, now_ms, ttl_ms)).result()
+        return await (await self.queue_deliver(sender, message_id, digest, payloads, now_ms, ttl_ms,
+                                               outbound=outbound)).result()
 
     async def queue_deliver(self, sender: str, message_id: str, digest: bytes,
                             payloads: list[tuple[list[str], bytes]], now_ms: int, ttl_ms: int,
-                            on_commit: Callable[[DeliverResult], None] | None = None
+                            on_commit: Callable[[DeliverResult], None] | None = None,
+                            outbound: Sequence[OutboundDraft] = ()
                             ) -> Completion[DeliverResult]:
-        """``deliver``, queued now and awaited later; ``on_commit`` runs in commit order."""
+        """``deliver``, queued now and awaited later; ``on_commit`` runs in commit order.
+
+        An invalid outbound draft raises ``ValueError`` here, before anything is queued.
+        """
+        drafts = list(outbound)
+        check_drafts(drafts, now_ms)
         return await self._db.queue(
-            lambda conn: _deliver(conn, sender, message_id, digest, payloads, now_ms, ttl_ms), on_commit)
+            lambda conn: _deliver(conn, sender, message_id, digest, payloads, now_ms, ttl_ms, drafts),
+            on_commit)
 
     async def pending(self, device: str, after_seq: int, limit: int) -> list[MailboxEntry]:
         """Up to ``limit`` entries of ``device`` after ``after_seq``, oldest first."""

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Generic, Literal, Protocol, TypeVar
 
 import trio
 
 from federation.errors import ErrorCode, RequestRejected
+from federation.inbound import HoldBackFull  # noqa: F401  (re-exported: queue_receive refuses with it)
+from federation.outbound import EnvelopeDraft
+from federation.s2s import Envelope, EnvelopeClass
 
 T_co = TypeVar("T_co", covariant=True)
 DAY_MS = 24 * 3600 * 1000
@@ -92,10 +95,61 @@ class MailboxEntry:
 
 @dataclass(frozen=True, slots=True)
 class DeliverResult:
-    """Outcome of ``deliver``: ``entries`` holds the new rows (empty unless ``new``)."""
+    """Outcome of ``deliver``: ``entries`` holds the new rows (empty unless ``new``);
+    ``outbound`` the envelopes queued for remote domains in the same write (numbered)."""
 
     status: Literal["new", "duplicate", "conflict"]
     entries: tuple[MailboxEntry, ...]
+    outbound: tuple[Envelope, ...] = ()
+
+
+# --- federation -------------------------------------------------------------------------------
+
+SUBSCRIPTION_TTL_MS = 30 * DAY_MS
+INBOUND_TXN_TTL_MS = 2 * 3600 * 1000       # >= the protocol's one hour
+INBOUND_MAX_HELD = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundDraft:
+    """An envelope to queue for a destination; storage numbers it (seq) inside the write."""
+
+    destination: str
+    cls: EnvelopeClass
+    draft: EnvelopeDraft
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundState:
+    """A destination's persisted queue state (restored by the outbound service at start)."""
+
+    destination: str
+    next_seq: dict[EnvelopeClass, int]     # the seq the NEXT queued envelope of a class gets
+    failures: int
+    next_attempt_ms: int
+    last_failure_ms: int                   # -1 if none
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiveResult:
+    """Outcome of ``queue_receive`` for one verified transaction."""
+
+    duplicate: bool                        # txn id already seen: nothing changed
+    released: tuple[Envelope, ...]         # newly releasable, control first, seq order per class
+    held: int                              # envelopes now held back behind a gap (this origin)
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteDeviceList:
+    """Another domain's user's signed device list, as fetched (``body``/``sig`` verbatim),
+    with the master key it verified under (later pushed lists must verify under it too)."""
+
+    user: str
+    version: int
+    body: bytes
+    sig: bytes
+    fetched_ms: int
+    master_key: bytes
 
 
 def device_address(user: str, device_id: str) -> str:
@@ -228,10 +282,11 @@ class Done(Completion[T_co]):
 class MailboxStore(Protocol):
     async def deliver(self, sender: str, message_id: str, digest: bytes,
                       payloads: list[tuple[list[str], bytes]], now_ms: int,
-                      ttl_ms: int) -> DeliverResult: ...
+                      ttl_ms: int, outbound: Sequence[OutboundDraft] = ()) -> DeliverResult: ...
     async def queue_deliver(self, sender: str, message_id: str, digest: bytes,
                             payloads: list[tuple[list[str], bytes]], now_ms: int, ttl_ms: int,
-                            on_commit: Callable[[DeliverResult], None] | None = None
+                            on_commit: Callable[[DeliverResult], None] | None = None,
+                            outbound: Sequence[OutboundDraft] = ()
                             ) -> Completion[DeliverResult]: ...
     async def queue_ack(self, device: str, seqs: list[int]) -> Completion[int]: ...
     async def pending(self, device: str, after_seq: int, limit: int) -> list[MailboxEntry]: ...
@@ -241,8 +296,43 @@ class MailboxStore(Protocol):
     async def counts(self) -> dict[str, int]: ...
 
 
+class FederationStore(Protocol):
+    """Durable server-to-server state: outbound queues, inbound ordering, remote lists."""
+
+    # --- outbound ---
+    async def queue_outbound(self, drafts: Sequence[OutboundDraft], now_ms: int,
+                             on_commit: Callable[[list[Envelope]], None] | None = None
+                             ) -> Completion[list[Envelope]]: ...
+    async def outbound_states(self) -> list[OutboundState]: ...
+    async def outbound_pending(self, destination: str) -> list[Envelope]: ...
+    async def queue_outbound_ack(self, destination: str,
+                                 envelope_ids: Sequence[bytes]) -> Completion[int]: ...
+    async def queue_backoff(self, destination: str, failures: int, next_attempt_ms: int,
+                            last_failure_ms: int) -> Completion[None]: ...
+    async def outbound_stats(self, now_ms: int) -> dict[str, tuple[int, int]]: ...
+    # --- inbound ---
+    async def queue_receive(self, origin: str, txn_id: bytes, envelopes: Sequence[Envelope],
+                            now_ms: int, txn_ttl_ms: int = INBOUND_TXN_TTL_MS,
+                            max_held: int = INBOUND_MAX_HELD) -> Completion[ReceiveResult]: ...
+    async def released(self) -> list[tuple[str, Envelope]]: ...
+    async def queue_processed(self, origin: str,
+                              envelope_ids: Sequence[bytes]) -> Completion[int]: ...
+    async def inbound_next_seq(self, origin: str) -> dict[EnvelopeClass, int]: ...
+    # --- remote device lists ---
+    async def put_remote_device_list(self, entry: RemoteDeviceList) -> bool: ...
+    async def get_remote_device_list(self, user: str) -> RemoteDeviceList | None: ...
+    async def remote_device_lists(self, domain: str) -> list[RemoteDeviceList]: ...
+    # --- subscriptions ---
+    async def subscribe(self, user: str, domain: str, now_ms: int) -> None: ...
+    async def subscribers(self, user: str) -> list[str]: ...
+    async def subscriptions(self) -> dict[str, list[str]]: ...
+    # --- housekeeping ---
+    async def expire(self, now_ms: int,
+                     subscription_ttl_ms: int = SUBSCRIPTION_TTL_MS) -> dict[str, int]: ...
+
+
 class Storage(Protocol):
-    """What the composition root hands out: the three repositories, and a way to close them."""
+    """What the composition root hands out: the repositories, and a way to close them."""
 
     @property
     def accounts(self) -> AccountStore: ...
@@ -250,4 +340,6 @@ class Storage(Protocol):
     def devices(self) -> DeviceStore: ...
     @property
     def mailboxes(self) -> MailboxStore: ...
+    @property
+    def federation(self) -> FederationStore: ...
     async def aclose(self) -> None: ...

@@ -6,7 +6,12 @@ version bump.  A database newer than ``SCHEMA_VERSION`` is refused: an old
 binary must never write into a layout it does not know.
 
 Every growing table carries an ``expires_ms`` column (or is cleaned up on ack),
-so ``MailboxRepository.expire`` can bound it (LESSONS #6).
+so ``MailboxRepository.expire`` / ``FederationRepository.expire`` can bound it
+(LESSONS #6).
+
+Version 2 adds the federation tables (``fed_*``): the outbound queue per
+destination, the inbound hold-back buffer per origin with its dedupe tables,
+remote users' device lists and the remote domains subscribed to local users.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from sqlalchemy import (
 
 from homeserver.storage.models import SchemaTooNew
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 metadata = MetaData()
 
@@ -177,12 +182,131 @@ V1_TABLES = [accounts, invites, devices, device_lists, signed_prekeys, one_time_
              pq_prekeys, claimed_prekeys, message_ids, blobs, mailbox]
 
 
+# --- version 2: federation ------------------------------------------------------------------
+# Envelopes are stored field by field (``recipients`` as a canonical msgpack list)
+# and rebuilt on read.  ``cls`` text sorts "control" < "message", so ordering by
+# (cls, seq) puts control traffic first, as the protocol wants on recovery.
+
+# Envelopes queued for a destination, deleted on the destination's ack.  Never
+# expired here: the queue must stay gap-free (the receiver drops expired ones).
+fed_outbound = Table(
+    "fed_outbound", metadata,
+    Column("destination", String(255), primary_key=True),
+    Column("cls", String(16), primary_key=True),
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("envelope_id", LargeBinary, nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("sender", String(400), nullable=False),
+    Column("recipients", LargeBinary, nullable=False),
+    Column("payload", LargeBinary, nullable=False),
+    Column("ts_ms", BigInteger, nullable=False),
+    Column("expires_ms", BigInteger, nullable=False),
+    UniqueConstraint("destination", "envelope_id", name="uq_fed_outbound_envelope"),
+)
+
+# One row per destination that ever queued: its backoff (LESSONS #4: in storage).
+fed_destinations = Table(
+    "fed_destinations", metadata,
+    Column("destination", String(255), primary_key=True),
+    Column("failures", Integer, nullable=False),
+    Column("next_attempt_ms", BigInteger, nullable=False),
+    Column("last_failure_ms", BigInteger, nullable=False),
+)
+
+# The seq the next envelope of (destination, class) gets; bumped in the queueing op.
+fed_outbound_seqs = Table(
+    "fed_outbound_seqs", metadata,
+    Column("destination", String(255), primary_key=True),
+    Column("cls", String(16), primary_key=True),
+    Column("next_seq", BigInteger, nullable=False),
+)
+
+# The seq expected next from (origin, class); everything below it was handled.
+fed_inbound_seqs = Table(
+    "fed_inbound_seqs", metadata,
+    Column("origin", String(255), primary_key=True),
+    Column("cls", String(16), primary_key=True),
+    Column("next_seq", BigInteger, nullable=False),
+)
+
+# Inbound envelopes: held back behind a gap (released false) or released and not
+# yet processed into mailboxes (released true; deleted by ``queue_processed``).
+fed_inbound = Table(
+    "fed_inbound", metadata,
+    Column("origin", String(255), primary_key=True),
+    Column("cls", String(16), primary_key=True),
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("released", Boolean, nullable=False),
+    Column("envelope_id", LargeBinary, nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("sender", String(400), nullable=False),
+    Column("recipients", LargeBinary, nullable=False),
+    Column("payload", LargeBinary, nullable=False),
+    Column("ts_ms", BigInteger, nullable=False),
+    Column("expires_ms", BigInteger, nullable=False),
+    # held count and gap walk per origin; restart recovery scans released rows
+    Index("ix_fed_inbound_state", "released", "origin", "cls", "seq"),
+    Index("ix_fed_inbound_envelope", "origin", "envelope_id"),
+)
+
+# Transaction ids seen per origin, kept until ``expires_ms`` (at least an hour).
+fed_inbound_txns = Table(
+    "fed_inbound_txns", metadata,
+    Column("origin", String(255), primary_key=True),
+    Column("txn_id", LargeBinary, primary_key=True),
+    Column("expires_ms", BigInteger, nullable=False, index=True),
+)
+
+# Envelope ids released per origin, kept until the envelope's ``expires_ms``.
+fed_seen_envelopes = Table(
+    "fed_seen_envelopes", metadata,
+    Column("origin", String(255), primary_key=True),
+    Column("envelope_id", LargeBinary, primary_key=True),
+    Column("expires_ms", BigInteger, nullable=False, index=True),
+)
+
+# Other domains' users' signed device lists (a cache; the newest version wins).
+fed_remote_device_lists = Table(
+    "fed_remote_device_lists", metadata,
+    Column("user", String(320), primary_key=True),
+    Column("domain", String(255), nullable=False),
+    Column("version", BigInteger, nullable=False),
+    Column("body", LargeBinary, nullable=False),
+    Column("sig", LargeBinary, nullable=False),
+    Column("fetched_ms", BigInteger, nullable=False),
+    Column("master_key", LargeBinary, nullable=False),
+    Index("ix_fed_remote_device_lists_domain", "domain", "user"),
+)
+
+# Remote domains that fetched a local user's list (pushed its changes); refreshed
+# by every fetch, dropped when not refreshed within the subscription TTL.
+fed_subscriptions = Table(
+    "fed_subscriptions", metadata,
+    Column("user", String(320), primary_key=True),
+    Column("domain", String(255), primary_key=True),
+    Column("last_seen_ms", BigInteger, nullable=False, index=True),
+    Index("ix_fed_subscriptions_domain", "domain", "user"),
+)
+
+V2_TABLES = [fed_outbound, fed_destinations, fed_outbound_seqs, fed_inbound_seqs, fed_inbound,
+             fed_inbound_txns, fed_seen_envelopes, fed_remote_device_lists, fed_subscriptions]
+
+
 def _v1(conn: Connection) -> None:
     """Version 1: every table.  Later migrations must spell out their own DDL."""
     metadata.create_all(conn, tables=V1_TABLES)
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1]
+def _v2(conn: Connection) -> None:
+    """Version 2: the federation tables (new tables only; v1 tables are untouched).
+
+    A later migration that changes one of them must first freeze the version-2
+    shape here, as ``_v1`` must for its tables.
+    """
+    metadata.create_all(conn, tables=V2_TABLES)
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2]
 
 
 def current_version(conn: Connection) -> int:

@@ -206,3 +206,27 @@ def test_restore_keeps_seqs_and_backoff_and_checks_version():
         OutboundQueue.from_bytes(codec.encode({**obj, "v": 9}))
     with pytest.raises(CorruptState):
         OutboundQueue.from_bytes(codec.encode({**obj, "unacked": [1]}))
+
+
+def test_storage_numbered_envelopes_and_restore_from_rows():
+    """The homeserver numbers envelopes in its database write; the queue checks and sends them."""
+    rng = counter_rng("rows")
+    numbering = OutboundQueue(ORIGIN, DEST)            # stands in for storage's counters
+    envs = [add(numbering, rng, c) for c in (MESSAGE, CONTROL, MESSAGE)]
+    queue = OutboundQueue(ORIGIN, DEST, OutboundConfig(max_wait_ms=0))
+    for env in envs:
+        queue.add(env)
+    with pytest.raises(ValueError):
+        queue.add(envs[0])                              # same seq again: numbering diverged
+    batch = queue.next_batch(T0, rng)
+    assert [(e.cls, e.seq) for e in batch.envelopes] == [(CONTROL, 1), (MESSAGE, 1), (MESSAGE, 2)]
+    queue.on_failure(batch.txn_id, T0, rng)
+    failures, next_attempt, last_failure = queue.backoff_state
+    restored = OutboundQueue.restore(ORIGIN, DEST, next_seq={CONTROL: 2, MESSAGE: 3}, failures=failures,
+                                     next_attempt_ms=next_attempt, last_failure_ms=last_failure,
+                                     envelopes=envs, config=OutboundConfig(max_wait_ms=0))
+    assert restored.depth() == 3 and restored.next_attempt_ms == next_attempt
+    assert restored.next_batch(next_attempt - 1, rng) is None
+    again = restored.next_batch(next_attempt, rng)
+    assert [e.seq for e in again.envelopes] == [1, 1, 2]
+    restored.add(add(numbering, rng, MESSAGE))         # numbering continues at MESSAGE 3
