@@ -12,6 +12,15 @@ Run: ``python bench/_echo_server.py [--host H] [--port P]``; prints
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# Run as a script, Python puts bench/ first on sys.path, where bench/federation.py
+# would shadow the federation package: the repository root goes first instead.
+_BENCH = str(Path(__file__).resolve().parent)
+sys.path[:] = [p for p in sys.path if p and str(Path(p).resolve()) != _BENCH]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 import argparse
 import signal
 from typing import Any

@@ -34,8 +34,11 @@ from typing import Any
 import trio
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+# Run as a script, Python puts bench/ first on sys.path, where bench/federation.py
+# would shadow the federation package: the repository root goes first instead.
+_BENCH = str(Path(__file__).resolve().parent)
+sys.path[:] = [p for p in sys.path if p and str(Path(p).resolve()) != _BENCH]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._load import (  # noqa: E402
     BenchError,
@@ -192,6 +195,20 @@ class CpuMeter:
         }
 
 
+def open_loop_fields(rate: float, stats: PhaseStats, seconds: float) -> dict[str, Any]:
+    """Phase 2's offered and achieved rates and its latency percentiles (ms, nearest rank)."""
+    latencies = sorted(1000 * s for s in stats.latencies)
+    return {
+        "offered_msgs_per_s": round(rate, 1),
+        "achieved_msgs_per_s": round(stats.issued / seconds, 1),
+        "p50_ms": round(percentile(latencies, 50), 2),
+        "p90_ms": round(percentile(latencies, 90), 2),
+        "p99_ms": round(percentile(latencies, 99), 2),
+        "p999_ms": round(percentile(latencies, 99.9), 2),
+        "max_ms": round(latencies[-1], 2) if latencies else None,
+    }
+
+
 async def measure(server: ServerProcess, args: argparse.Namespace, *, echo: bool,
                   open_loop: bool) -> dict[str, Any]:
     """Connect the pairs, run phase 1 (and phase 2 if ``open_loop``), return the numbers."""
@@ -206,18 +223,7 @@ async def measure(server: ServerProcess, args: argparse.Namespace, *, echo: bool
             rate = 0.5 * result["closed_loop"]["msgs_per_s"]
             meter = CpuMeter(server)
             stats = await run.open_loop(rate, args.open_loop_seconds)
-            summary = meter.summary(stats)
-            latencies = sorted(1000 * s for s in stats.latencies)
-            summary.update({
-                "offered_msgs_per_s": round(rate, 1),
-                "achieved_msgs_per_s": round(stats.issued / args.open_loop_seconds, 1),
-                "p50_ms": round(percentile(latencies, 50), 2),
-                "p90_ms": round(percentile(latencies, 90), 2),
-                "p99_ms": round(percentile(latencies, 99), 2),
-                "p999_ms": round(percentile(latencies, 99.9), 2),
-                "max_ms": round(latencies[-1], 2) if latencies else None,
-            })
-            result["open_loop"] = summary
+            result["open_loop"] = {**meter.summary(stats), **open_loop_fields(rate, stats, args.open_loop_seconds)}
         for pair in pairs:
             pair.sender.closing = pair.receiver.closing = True
         async with trio.open_nursery() as closers:

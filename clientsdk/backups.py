@@ -1,11 +1,13 @@
 """Backup export to a local file, and what a restore writes into a new device's store (DESIGN §4).
 
-Why: a user who loses every device keeps their identity, contacts, trust decisions and
-history.  A backup holds exactly ``clientsdk.crypto.backup.BackupContents``: the master
-key (if this device has it), contacts with their trust state, and history — never
-ratchet state nor the device identity key.  A restore therefore is a NEW device,
-signed into the device list by the restored master key, which opens fresh sessions
-(LESSONS #8: a restored ratchet state is what breaks sessions).
+Why: a user who loses every device keeps their identity, contacts, trust decisions,
+groups and history.  A backup holds exactly ``clientsdk.crypto.backup.BackupContents``:
+the master key (if this device has it), contacts with their trust state, each group's
+state with its epoch chain (``GroupReplica`` bytes: states and admin-signed changes),
+and history — never ratchet state, sender-key chains nor the device identity key.  A
+restore therefore is a NEW device, signed into the device list by the restored master
+key, which opens fresh sessions and gets the members' sender keys with their next
+group messages (LESSONS #8: a restored ratchet state is what breaks sessions).
 
 Two protections: a random recovery key (``RecoveryKey``, the default; the blob is the
 same one a server could hold), or a passphrase through Argon2id (local files only).
@@ -26,8 +28,8 @@ from clientsdk.account import ClientOptions
 from clientsdk.connection import Connector
 from clientsdk.contacts import SELF, TOFU, VERIFIED, Contact
 from clientsdk.crypto.backup import (
-    KIND_PASSPHRASE, BackupContact, BackupContents, BackupMessage, RecoveryKey, TrustState, export_local_file,
-    open_local_file, open_server_backup, read_header, seal_for_server,
+    KIND_PASSPHRASE, BackupContact, BackupContents, BackupGroup, BackupMessage, RecoveryKey, TrustState,
+    export_local_file, open_local_file, open_server_backup, read_header, seal_for_server,
 )
 from clientsdk.crypto.errors import BackupInvalid
 from clientsdk.crypto.identity import MasterKey, VerifiedDeviceList, add_device
@@ -66,6 +68,10 @@ class BackupMixin:
 
         async def _publish_own_list(self, rpc: RpcClient, signed: SignedDeviceList) -> None: ...
 
+        async def _backup_groups(self) -> tuple[BackupGroup, ...]: ...             # clientsdk.groups
+
+        def _restored_group_rows(self, groups: tuple[BackupGroup, ...]) -> dict[str, bytes]: ...   # groups
+
         @classmethod
         async def _create(cls, store_path: str | Path, user: str, master: MasterKey | None, connect: Connector,
                           store_key: bytes | None, passphrase: str | None, options: ClientOptions) -> Client: ...
@@ -77,8 +83,9 @@ class BackupMixin:
                              passphrase: str | None = None, options: ClientOptions | None = None) -> Client:
         """Restore a backup file as a NEW device of its user, with a new store at ``store_path``.
 
-        The backup's contacts (with their trust) and history are imported; nothing of the
-        old device's sessions is.  If the backup holds the master key, the new device signs
+        The backup's contacts (with their trust), groups and history are imported; nothing
+        of the old device's sessions or sender keys is (members hand this device their keys
+        with their next group messages).  If the backup holds the master key, the new device signs
         itself into the device list with it (and is the master device from then on);
         otherwise it is a pending device until a master device approves it.  ``password``
         is the account password (a restore logs in); ``passphrase``/``store_key`` protect
@@ -93,6 +100,7 @@ class BackupMixin:
         client = await cls._create(store_path, contents.user, master, connect, store_key, passphrase,
                                    options or ClientOptions())
         batch, contacts = restored_batch(contents)
+        batch.kv.update(client._restored_group_rows(contents.groups))
         client._book.contacts.update(contacts)
         batch.contacts = {}            # written after the login, once the own list is verified
         await client._enrol("login", {"user": client.user, "password": password, "device_id": client.device_id,
@@ -118,7 +126,7 @@ class BackupMixin:
         if passphrase is not None and recovery_key is not None:
             raise ValueError("give a passphrase or a recovery key, not both")
         history = await trio.to_thread.run_sync(self._store.all_history, limiter=self._store_limiter)
-        contents = self._backup_contents(history, self._clock())
+        contents = self._backup_contents(history, self._clock(), await self._backup_groups())
         if passphrase is not None:
             blob = await trio.to_thread.run_sync(export_local_file, contents, passphrase)
             key = None
@@ -128,7 +136,8 @@ class BackupMixin:
         await trio.to_thread.run_sync(_write_private, Path(path), blob)
         return key
 
-    def _backup_contents(self, entries: list[HistoryEntry], now_ms: int) -> BackupContents:
+    def _backup_contents(self, entries: list[HistoryEntry], now_ms: int,
+                         groups: tuple[BackupGroup, ...] = ()) -> BackupContents:
         own = self._book.contacts.get(self.user)
         if own is None:
             raise BackupFailed("this device does not know its user's master key yet; connect once first")
@@ -143,7 +152,7 @@ class BackupMixin:
             for e in entries)
         return BackupContents(self.user, own.master_key, now_ms,
                               self._master.private_bytes() if self._master is not None else None,
-                              contacts, (), history)
+                              contacts, groups, history)
 
 
 def _write_private(path: Path, blob: bytes) -> None:

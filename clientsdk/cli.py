@@ -228,11 +228,12 @@ async def cmd_approve(args: argparse.Namespace) -> int:
         if not client.is_master:
             raise CliError("approve runs on the master device (the first one registered)")
         async with client.connect():
+            share = not args.no_history
             if short:
-                version = await client.approve_link(args.device)
+                version = await client.approve_link(args.device, share_history=share)
                 device_id = args.device.split("-")[0].upper()
             else:
-                version = await client.approve_device(device_id, key)
+                version = await client.approve_device(device_id, key, share_history=share)
         print(f"approved device {device_id}; device list v{version}", flush=True)
     return EXIT_OK
 
@@ -444,6 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("approve", "link"):
         p = command(name, "approve a pending device from the master device")
         p.add_argument("device", help="DEVICE_ID or the linking code DEVICE_ID:KEY that login printed")
+        p.add_argument("--no-history", action="store_true",
+                       help="do not share contacts, trust and recent messages with the new device")
         p.set_defaults(run=cmd_approve)
     command("devices", "list every device of this account").set_defaults(run=cmd_devices)
     p = command("revoke", "revoke a device of this account (from the master device)")

@@ -17,6 +17,7 @@ stored, so a crash loses nothing and never reuses a message key.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -38,12 +39,14 @@ from clientsdk.crypto.identity import (
 )
 from clientsdk.crypto.primitives import ct_equal
 from clientsdk.crypto.session import Session
-from clientsdk.devices import DevicesMixin
+from clientsdk.devices import DevicesMixin, master_first
 from clientsdk.errors import NotConnected, NotMasterDevice, SendFailed, StoreCorrupted
 from clientsdk.events import Event, MessageReceived, SecurityEvent
 from clientsdk.groups import GroupsMixin
+from clientsdk.history import HistoryMixin
 from clientsdk.inbox import InboxMixin
 from clientsdk.lifecycle import ConnectionMixin
+from clientsdk.repair import DeliveryRepairMixin, RecentSend
 from clientsdk.resets import KV_NAME as RESETS_KV, ResetBook
 from clientsdk.sessions import SessionBook, verified_bundle
 from clientsdk.store import Batch, HistoryEntry, Store
@@ -66,7 +69,8 @@ def _new_message_id() -> str:
     return secrets.token_hex(16)
 
 
-class Client(ConnectionMixin, InboxMixin, BackgroundMixin, BackupMixin, VerifyMixin, DevicesMixin, GroupsMixin):
+class Client(ConnectionMixin, InboxMixin, BackgroundMixin, BackupMixin, VerifyMixin, DevicesMixin, HistoryMixin,
+             GroupsMixin, DeliveryRepairMixin):
     """One device's view of the world.  Create with ``register``, ``login`` or ``open``."""
 
     def __init__(self, store: Store, account: Account, prekeys: PrekeyStore, *, connector: Connector | None,
@@ -96,6 +100,7 @@ class Client(ConnectionMixin, InboxMixin, BackgroundMixin, BackupMixin, VerifyMi
         self._running = False
         self._stopping = False
         self._resets = ResetBook(options.session_reset_interval_ms)
+        self._recent_sends: OrderedDict[str, RecentSend] = OrderedDict()    # for delivery reports
         self._receipts_due: dict[str, list[str]] = {}
         self._work_ready = trio.Event()
         self._send_receipts = options.delivery_receipts
@@ -286,15 +291,22 @@ class Client(ConnectionMixin, InboxMixin, BackgroundMixin, BackupMixin, VerifyMi
     async def _publish_own_list(self, rpc: RpcClient, signed: SignedDeviceList) -> None:
         if self._master is None:
             raise NotMasterDevice("only the master device signs the device list")
+        signed = master_first(self._master, signed, self.device_id)      # the master device is listed first
+        before = self._book.current(self.user)
         await rpc.request("put_device_list", device_list=signed.to_wire())
         self._book.set_own(self._master.public_key, signed)
         await self._persist(Batch(contacts={self.user: self._book.record(self.user)}))
+        after = self._book.current(self.user)
+        if before is not None and after is not None:      # my new devices learn my groups (clientsdk.groups)
+            await self._sync_new_own_devices(set(after.device_list.device_ids() - before.device_list.device_ids()))
 
-    async def approve_device(self, device_id: str, identity_key: bytes | None = None) -> int:
+    async def approve_device(self, device_id: str, identity_key: bytes | None = None, *,
+                             share_history: bool = True) -> int:
         """Sign a pending device of my user into the list (master device only); returns the new version.
 
         ``identity_key`` comes from the new device's linking code when there is one;
-        without it the key the server reports for the pending device is used.
+        without it the key the server reports for the pending device is used.  With
+        ``share_history`` the device first gets my history (``clientsdk.history``).
         """
         if self._master is None:
             raise NotMasterDevice("only the master device can approve devices")
@@ -305,9 +317,13 @@ class Client(ConnectionMixin, InboxMixin, BackgroundMixin, BackupMixin, VerifyMi
             raise SendFailed("no such pending device", code="not_found")
         if identity_key is not None and not ct_equal(identity_key, device["identity_key"]):
             raise SendFailed("the server reports another identity key for this device", code="key_mismatch")
+        transfer = await self._share_history(device_id, device["identity_key"]) if share_history else None
+        rpc = await self._wait_rpc()
         current = await self._device_list(rpc, self.user, force=True)
         signed = add_device(self._master, current.device_list, device_id, device["identity_key"], self._clock())
         await self._publish_own_list(rpc, signed)
+        if transfer is not None:
+            await self._finish_history(transfer)
         return current.device_list.version + 1
 
     # --- sending -----------------------------------------------------------------------------
@@ -341,6 +357,8 @@ class Client(ConnectionMixin, InboxMixin, BackgroundMixin, BackupMixin, VerifyMi
         stored before its ciphertext leaves.
         """
         message_id = template.id
+        if not ephemeral:
+            self._remember_send(message_id, recipients, template)
         stale_rounds = 0
         while stale_rounds < MAX_STALE_RETRIES:
             rpc = await self._wait_rpc()

@@ -7,7 +7,10 @@
 ``refs`` = the message ids it acknowledges); ``typing`` (``state`` = ``typing`` |
 ``stopped``, ephemeral); ``presence`` (``state`` = e.g. ``online`` | ``away`` |
 ``offline``, ``text`` an optional status line, ephemeral); ``session_reset``
-(``refs`` = the device addresses whose session the sender restarted).  ``refs`` and
+(``refs`` = the device addresses whose session the sender restarted);
+``sender_key_request`` (``refs`` = [group id hex, device address, key id hex,
+iteration]: that device is asked for its sender key of the group, see
+``clientsdk.group_records.KeyRequest``).  ``refs`` and
 ``state`` are present only when non-empty, so text messages keep their bytes.
 
 ``to`` is the recipient user (so my other devices file a copy under the right
@@ -42,6 +45,7 @@ RECEIPT = "receipt"
 TYPING = "typing"
 PRESENCE = "presence"
 SESSION_RESET = "session_reset"
+SENDER_KEY_REQUEST = "sender_key_request"
 DELIVERED = "delivered"
 READ = "read"
 MAX_ID_LEN = 128

@@ -5,6 +5,16 @@ plain synchronous code — TOFU of the master key, the version rule via
 ``accept_device_list``, the expiry event, and the list version/hash that every
 message carries (a peer announcing a newer list makes our cached one stale, and
 the server may then not serve an older one).  The client only does the I/O.
+
+Key-change policy (issue 4, DESIGN §4): a master key other than the trusted one is
+always a ``master_key_changed`` security event.  For an *unverified* contact the new
+key is trusted on first use again (pinned; sessions with devices the new list does
+not name with the same identity key are dropped) and sending continues.  For a
+*verified* contact — and for my own user, whose key never changes under a device —
+sending stops (``ContactKeyChanged``) until the user accepts the new key
+(``VerifyMixin.accept_key_change``), after which the contact is unverified.  An
+expired list is a ``device_list_expired`` event; for a verified contact sending
+stops (``SendFailed`` code ``device_list_expired``) until a fresh list arrives.
 """
 
 from __future__ import annotations
@@ -13,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from clientsdk.contacts import SELF, TOFU, Contact
+from clientsdk.contacts import SELF, TOFU, VERIFIED, Contact
 from clientsdk.content import Content
 from clientsdk.crypto.identity import VerifiedDeviceList, accept_device_list
 from clientsdk.crypto.primitives import ct_equal
@@ -78,11 +88,23 @@ class ContactBook:
             raise SendFailed("the server sent a malformed master key", code="bad_device_list")
         contact = self.contacts.get(user)
         is_new = contact is None
+        replaced: Contact | None = None
         if contact is None:
             contact = Contact(user, master, SELF if user == self.my_user else TOFU)   # trust on first use
         elif not ct_equal(master, contact.master_key):
-            self._emit(SecurityEvent("master_key_changed", user, None, "the server reports a different master key"))
-            raise ContactKeyChanged(f"the master key of {user} changed; sending stops until it is accepted")
+            if contact.trust in (VERIFIED, SELF):
+                self._emit(SecurityEvent("master_key_changed", user, None,
+                                         "the server reports a different master key; sending stops until the "
+                                         "new key is accepted"))
+                if contact.trust == SELF:
+                    raise ContactKeyChanged("the server reports another master key for my own account; this "
+                                            "device does not send until the key it trusts is served again")
+                raise ContactKeyChanged(f"the master key of {user} changed and {user} was verified: sending to "
+                                        "them stops until the new key is accepted (accept_key_change)")
+            self._emit(SecurityEvent("master_key_changed", user, None,
+                                     "the master key changed; the new key is trusted on first use (unverified): "
+                                     "compare safety numbers"))
+            replaced, contact, is_new = contact, Contact(user, master, TOFU), True
         try:
             signed = SignedDeviceList.from_wire(answer.get("device_list"))
             update = accept_device_list(contact.master_key, contact.current, signed, now_ms)
@@ -101,13 +123,16 @@ class ContactBook:
         if update.expired is not None and not contact.expired_reported:
             contact.expired_reported = True
             self._emit(SecurityEvent("device_list_expired", user, None, "the device list has expired"))
-        update.check_sendable(contact.verified)
+        if contact.verified and update.expired is not None:
+            contact.stale = True                   # ask again on every send until a fresh list arrives
+            raise SendFailed(f"the device list of {user} has expired; sending to a verified contact waits for a "
+                             "fresh one", code="device_list_expired")
         contact.stale = False
         changed = update.changed or is_new
         removed: frozenset[str] = frozenset()
         if changed:
-            old = contact.current.device_list.device_ids() if contact.current else frozenset()
-            removed = old - update.current.device_list.device_ids()
+            previous = replaced if replaced is not None else contact
+            removed = _dropped_devices(previous.current, update.current)
             contact.current = update.current
             self.contacts[user] = contact
             self._emit(DeviceListChanged(user, version, tuple(sorted(update.current.device_list.device_ids()))))
@@ -129,3 +154,15 @@ class ContactBook:
         elif content.list_version == version and not ct_equal(content.list_hash, current.signed.digest):
             self._emit(SecurityEvent("device_list_equivocation", user, None,
                                      "a peer holds a different list with the same version"))
+
+
+def _dropped_devices(old: VerifiedDeviceList | None, new: VerifiedDeviceList) -> frozenset[str]:
+    """Device ids of ``old`` that ``new`` does not name with the same identity key: their sessions go."""
+    if old is None:
+        return frozenset()
+    out = set()
+    for entry in old.device_list.devices:
+        key = new.device_list.identity_key_of(entry.id)
+        if key is None or not ct_equal(key, entry.identity_key):
+            out.add(entry.id)
+    return frozenset(out)

@@ -12,7 +12,13 @@ Linking codes: the new device shows ``DEVICEID-ABCD-EFGH-IJKL-MNOP`` (its device
 and 80 bits of a hash of user, device id and identity key) or a QR payload with
 the full key; the master device compares them with what the server reports for
 the pending device before signing it into the list, so a server cannot slip its
-own key in.
+own key in.  Approving shares the master device's history with the new device
+(``clientsdk.history``) unless ``share_history=False``.
+
+Which device is the master device: the one a list signed by the master key names
+*first*.  The signer decides the order, and the master device always lists itself
+first when it signs (``master_first``), so a linked device cannot claim the role
+without the master key (a new device accepts a history bundle only from it).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from clientsdk.store import Batch, Store
 from federation import codec
 from federation.addresses import DeviceAddress, UserAddress, check_device_id
 from federation.errors import ProtocolError
-from federation.keys import SignedDeviceList
+from federation.keys import DeviceList, SignedDeviceList
 from federation.rpc import RpcClient
 from federation.validate import field as wire_field
 from federation.validate import require_map
@@ -131,6 +137,27 @@ class LinkingCode:
         return ct_equal(link_tag(user, self.device_id, identity_key).encode(), self.tag.encode())
 
 
+# --- which device holds the master key ----------------------------------------------------------
+
+def master_device_id(device_list: DeviceList) -> str | None:
+    """The master device of a verified list: the device it names first (see the module docstring)."""
+    return device_list.devices[0].id if device_list.devices else None
+
+
+def master_first(master: MasterKey, signed: SignedDeviceList, device_id: str) -> SignedDeviceList:
+    """``signed`` with the master device ``device_id`` moved to the front (re-signed, same version and times).
+
+    Called on every list the master device is about to publish, so the first entry of
+    a list always names a device that holds the master key.
+    """
+    current = signed.open(master.public_key)
+    if master_device_id(current) == device_id or current.identity_key_of(device_id) is None:
+        return signed
+    devices = tuple(sorted(current.devices, key=lambda d: d.id != device_id))
+    return DeviceList(current.user, current.version, current.issued_ms, current.expires_ms,
+                      devices).sign(master.signing_key)
+
+
 # --- the device list the user sees -------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
@@ -210,7 +237,8 @@ class DevicesMixin:
 
         async def _publish_own_list(self, rpc: RpcClient, signed: SignedDeviceList) -> None: ...
 
-        async def approve_device(self, device_id: str, identity_key: bytes | None = None) -> int: ...
+        async def approve_device(self, device_id: str, identity_key: bytes | None = None, *,
+                                 share_history: bool = True) -> int: ...
 
     def linking_code(self) -> str:
         """The short code this (new) device shows; the master device approves it with ``approve_link``."""
@@ -229,11 +257,14 @@ class DevicesMixin:
         return merge_devices(self.user, self.device_id, signed, server if isinstance(server, list) else [],
                              await self._revoked_ids())
 
-    async def approve_link(self, code: str | bytes) -> int:
+    async def approve_link(self, code: str | bytes, *, share_history: bool = True) -> int:
         """Approve the pending device a linking code (text) or linking QR payload (bytes) names.
 
         Refuses a device this master device revoked before, and one whose key the
-        server reports differently from the code.  Returns the new list version.
+        server reports differently from the code.  With ``share_history`` (the default)
+        the new device first gets an end-to-end encrypted history bundle: contacts with
+        their trust and recent messages of every conversation (``clientsdk.history``).
+        Returns the new list version.
         """
         if self._master is None:
             raise NotMasterDevice("only the master device can approve devices")
@@ -249,7 +280,7 @@ class DevicesMixin:
         if len(key) != IDENTITY_KEY_SIZE or not link.matches(self.user, key):
             raise DeviceError("the server reports another key for this device than its linking code shows",
                               code="key_mismatch")
-        return await self.approve_device(link.device_id, key)
+        return await self.approve_device(link.device_id, key, share_history=share_history)
 
     async def revoke_device(self, device_id: str) -> int | None:
         """Revoke one of my user's devices (master device only); returns the new list version.

@@ -37,7 +37,9 @@ class SecurityEvent(Event):
     ``device_list_expired``, ``device_list_rejected``, ``decryption_failed``,
     ``unknown_sender_device``, ``session_reset`` (a message from ``device`` could not
     be decrypted, so this client started a fresh session with it: that message and
-    any sent before the peer switches are lost; the peer can send them again).
+    any sent before the peer switches are lost; the peer can send them again),
+    ``message_held`` (a message from a device that only a verified contact's new, not
+    yet accepted master key lists: kept, and delivered once the change is accepted).
     """
 
     kind: str
@@ -53,6 +55,22 @@ class DeviceListChanged(Event):
     user: str
     version: int
     devices: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryImported(Event):
+    """My master device shared its history with this newly linked device; all of it is stored.
+
+    Counts are what this device imported (messages it already had are not counted
+    twice); ``omitted`` messages were left out by the master device's caps
+    (``clientsdk.history``), so a short history is never silent.
+    """
+
+    from_device: str          # the master device's address
+    messages: int
+    conversations: int        # 1:1 and group conversations with imported messages
+    contacts: int
+    omitted: int
 
 
 @dataclass(frozen=True, slots=True)

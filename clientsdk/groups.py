@@ -23,8 +23,33 @@ Why it is shaped this way (DESIGN §4 "Groups", LESSONS #1):
   chain and hands it only to the current members.  A removed device drops every
   chain of the group.
 
+Healing (LESSONS #1, #8, #9):
+
+* **Key re-request.**  A shared message under a key id I do not hold is *held*
+  (persisted, bounded) and its sender device is asked, over our pairwise session,
+  for its chain (``sender_key_request``, at most once a minute per group and device,
+  at most ``MAX_REQUESTS`` unanswered).  The sender answers only a listed device of a
+  current member, with its chain from the held message's iteration on — never from
+  before the iteration that device was first given (``LocalGroup.anchor``/``given``).
+  Held messages that still fail, or wait longer than ``HOLD_MS``, become ONE
+  ``SecurityEvent("decryption_failed")`` per sender device plus a notice in the
+  group's history: never a silent loss.
+* **Rotation when a holder leaves.**  If a device that holds my chain is no longer a
+  current device of a member (revoked, or its user removed), my next send uses a new
+  chain, handed only to current devices.  Devices that do not hold my chain (a newly
+  linked one) get it pairwise with my next message.
+* **New own devices learn my groups.**  When the master device signs new devices into
+  my list it sends them each group's replica (``sync``, accepted from my own user's
+  devices only); a group bundle for a group not known yet is held until then.
+* **Backlog first.**  Group sends (and control sends) wait until the server's
+  ``backlog_done`` push has been processed on this connection (at most
+  ``BACKLOG_WAIT_S``), so a removal waiting in my mailbox applies before I encrypt.
+* **Backups** carry each group's replica (states and admin-signed changes, no keys);
+  a restored device is a new device that members hand their chains to.
+
 Pairwise group bundle (inside the usual content map, ``type = "group"``, field
 ``group``): ``canonical {v: 1, group_id: bin(32) [, welcome: bin (state bytes)]
+[, sync: bin (replica bytes)] [, reply: bin(8) (the key id a request asked for)]
 [, controls: [bin]] [, distribution: bin] [, message: bin]}``, processed in that
 order.  Group message body (what the sender key encrypts): ``canonical {v: 1, id,
 text, sent_ms}``.
@@ -34,12 +59,13 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from clientsdk.content import Content
+from clientsdk.content import SENDER_KEY_REQUEST, Content
+from clientsdk.crypto.backup import BackupGroup
 from clientsdk.crypto.errors import CryptoError, MalformedMessage
 from clientsdk.crypto.group_session import GroupSession
 from clientsdk.crypto.group_state import (
@@ -51,16 +77,20 @@ from clientsdk.crypto.group_state import (
 )
 from clientsdk.crypto.identity import DeviceIdentity, VerifiedDeviceList
 from clientsdk.crypto.primitives import system_rng
-from clientsdk.crypto.sender_keys import UnknownSenderKey
+from clientsdk.crypto.sender_keys import GroupMessage, GroupPlaintext, UnknownSenderKey
 from clientsdk.devicelists import ContactBook
 from clientsdk.errors import SdkError, SendFailed
 from clientsdk.events import Event, SecurityEvent
 from clientsdk.group_records import (
     GROUP_CONTENT,
+    HOLDS_KV,
     GroupBundle,
     GroupChanged,
     GroupError,
     GroupMessageReceived,
+    Held,
+    KeyRecovery,
+    KeyRequest,
     LocalGroup,
     OutboxItem,
     UnknownGroup,
@@ -71,6 +101,7 @@ from clientsdk.group_records import (
     encode_body,
     is_group_message,
     parse_group_id,
+    replica_for,
 )
 from clientsdk.sessions import SessionBook
 from clientsdk.store import Batch, HistoryEntry, Store
@@ -88,7 +119,18 @@ log = logging.getLogger(__name__)
 
 KV_PREFIX = "group:"
 MAX_STALE_RETRIES = 4
+BACKLOG_WAIT_S = 10.0            # a server that never sends backlog_done delays group sends this long, once
 _RECOVERABLE = (SdkError, RemoteError, CryptoError, ProtocolError)
+
+
+async def _first_of(*events: trio.Event) -> None:
+    """Return as soon as any of ``events`` is set."""
+    async with trio.open_nursery() as nursery:
+        async def wait(event: trio.Event) -> None:
+            await event.wait()
+            nursery.cancel_scope.cancel()
+        for event in events:
+            nursery.start_soon(wait, event)
 
 
 # --- the mixin ----------------------------------------------------------------------------------
@@ -106,10 +148,15 @@ class GroupsMixin:
     _lock: trio.Lock
     _store_limiter: trio.CapacityLimiter
     _clock: Callable[[], int]
+    _rpc: RpcClient | None
 
     _groups: dict[bytes, LocalGroup] | None = None
+    _recovery: KeyRecovery | None = None
     _group_send_lock: trio.Lock | None = None
     _group_work: trio.Event | None = None
+    _backlog_for: RpcClient | None = None            # the connection whose backlog_done was processed
+    _backlog_signal: trio.Event | None = None
+    _backlog_wait: tuple[RpcClient, float] | None = None
 
     if TYPE_CHECKING:   # provided by Client (stubs here would shadow them in the MRO)
         def _emit(self, event: Event) -> None: ...
@@ -131,6 +178,9 @@ class GroupsMixin:
         async def _until_replaced(self, rpc: RpcClient) -> None: ...
 
         def _content_for(self, template: Content, user: str, recipients: list[str]) -> bytes: ...
+
+        def _send_content(self, recipients: list[str], template: Content, *, ephemeral: bool = False,
+                          history: HistoryEntry | None = None) -> Awaitable[None]: ...
 
     # --- public API ---------------------------------------------------------------------------
 
@@ -190,8 +240,9 @@ class GroupsMixin:
     async def send_group(self, group_id: str, text: str) -> str:
         """Encrypt ``text`` once under my sender key and send it to every member device; returns the id.
 
-        Pending control sends of this group go first; devices without my current chain
-        get it pairwise together with this message, in the same ``send`` op.
+        Waits for this connection's mailbox backlog first, then sends pending control
+        messages of this group; devices without my current chain get it pairwise
+        together with this message, in the same ``send`` op.
         """
         gid = parse_group_id(group_id)
         await self._flush_outbox(gid)
@@ -210,8 +261,8 @@ class GroupsMixin:
                 raise NotMember("I am not a member of this group")
             try:
                 targets = await self._targets(rpc, members)
-                await self._ensure_sessions(rpc, [a for a in targets if a not in group.given
-                                                  or not self._chain_is_current(group)])
+                fresh = not self._chain_is_current(group) or self._holder_left(group, targets)
+                await self._ensure_sessions(rpc, [a for a in targets if fresh or a not in group.given])
             except TransportClosed:
                 await self._until_replaced(rpc)
                 continue
@@ -219,23 +270,29 @@ class GroupsMixin:
                 group.session.apply_pending()
                 if [str(u) for u in group.session.state.members] != members:
                     continue                          # a change arrived meanwhile: recompute devices
+                if self._chain_is_current(group) and self._holder_left(group, targets):
+                    self._rotate(group)               # a revoked device holds my chain: never send under it
                 need_key = not self._chain_is_current(group)
                 need = [a for a in targets if need_key or a not in group.given]
                 if any(not self._sessions.has(a) for a in need):
                     continue
                 outbound = group.session.outbound
-                before = outbound.distribution().to_bytes() if outbound is not None and not need_key else None
+                before = outbound.distribution().to_bytes() if outbound is not None else None
                 send = group.session.encrypt(body, system_rng)
                 new_key = group.session.outbound
                 if new_key is None:
                     raise GroupError("no sending chain")
-                if send.rotated or group.sent_key != new_key.key_id:
-                    group.sent_key, group.given = new_key.key_id, set()
-                    need = list(targets)
                 distribution = send.distribution if send.rotated or before is None else before
+                if send.rotated or group.sent_key != new_key.key_id:
+                    group.sent_key, group.given, group.anchor = new_key.key_id, {}, distribution
+                    need = list(targets)
+                iteration = new_key.iteration - 1     # the iteration of this message
+                group.note_sent(iteration)
                 batch = self._group_batch(gid)
                 payloads: list[dict[str, Any]] = []
                 if need:
+                    if distribution is None:
+                        raise GroupError("no distribution for a new chain")
                     bundle = GroupBundle(gid, distribution=distribution, message=send.message).to_bytes()
                     payloads += self._pairwise(need, members, message_id, sent_ms, bundle, {}, batch)
                 rest = [a for a in targets if a not in need]
@@ -251,16 +308,30 @@ class GroupsMixin:
                 if need:
                     async with self._lock:
                         if group.sent_key == new_key.key_id:
-                            group.given.update(need)
+                            for address in need:
+                                group.given.setdefault(address, iteration)
                             await self._persist(self._group_batch(gid))
                 return message_id
         raise SendFailed("the group's devices kept changing; gave up", code="stale_devices")
+
+    @staticmethod
+    def _holder_left(group: LocalGroup, targets: list[str]) -> bool:
+        """Does a device that holds my current chain no longer belong to the group's current devices?"""
+        current = set(targets)
+        return any(device not in current for device in group.given)
+
+    @staticmethod
+    def _rotate(group: LocalGroup) -> None:
+        outbound = group.session.outbound
+        if outbound is not None:
+            group.session.outbound = outbound.rotate(group.session.state.epoch, system_rng)
+            log.info("sender key rotated: a device holding it left its user's device list")
 
     # --- changes and the outbox -----------------------------------------------------------------
 
     async def _change(self, group_id: str, op: ChangeOp, target: str) -> None:
         gid = parse_group_id(group_id)
-        await self._flush_outbox(gid)                 # my earlier changes first
+        await self._flush_outbox(gid)                 # my earlier changes first (after the backlog)
         group = await self._group(gid)
         async with self._lock:
             before = [str(u) for u in group.session.state.members]
@@ -284,7 +355,12 @@ class GroupsMixin:
         group.outbox.append(OutboxItem(secrets.token_hex(16), users, control, special))
 
     async def _flush_outbox(self, gid: bytes) -> None:
-        """Send this group's queued control messages in order; each leaves the outbox once acknowledged."""
+        """Send this group's queued control messages in order; each leaves the outbox once acknowledged.
+
+        Every group send goes through here first, so this is where group sends wait
+        for the mailbox backlog of the current connection.
+        """
+        await self._until_backlog_done()
         if self._group_send_lock is None:
             self._group_send_lock = trio.Lock()
         async with self._group_send_lock:
@@ -348,22 +424,76 @@ class GroupsMixin:
             return False
 
     async def _group_background(self) -> None:
-        """Per connection: flush every group's outbox (re-sent rebased changes, sends cut off by a crash)."""
+        """Per connection: flush outboxes, send and answer key requests, report held messages whose wait ended."""
         while True:
             # Groups are loaded on first use (not here: a store hop on every connect would delay
-            # everyone's first sends); loading wakes this task if a crash left an outbox behind.
+            # everyone's first sends); loading wakes this task if a crash left work behind.
+            self._group_work = trio.Event()
             for gid, group in list((self._groups or {}).items()):
                 if group.outbox:
                     try:
                         await self._flush_outbox(gid)
                     except _RECOVERABLE as exc:
                         log.info("group control send postponed: %s", type(exc).__name__)
-            self._group_work = trio.Event()
-            await self._group_work.wait()
+            deadline: int | None = None
+            if self._recovery is not None:
+                await self._expire_held()
+                await self._send_key_requests()
+                await self._answer_key_requests()
+                deadline = self._recovery.next_deadline()
+            if deadline is None:
+                await self._group_work.wait()
+            else:
+                with trio.move_on_after(max(0, deadline - self._clock()) / 1000 + 0.001):
+                    await self._group_work.wait()
 
     def _wake_group_sends(self) -> None:
         if self._group_work is not None:
             self._group_work.set()
+
+    # --- the mailbox backlog (server push backlog_done) -----------------------------------------
+
+    def _backlog_reached(self, rpc: RpcClient) -> None:
+        """``backlog_done``: handled by the pump after every envelope pushed before it."""
+        self._backlog_for = rpc
+        signal, self._backlog_signal = self._backlog_signal, trio.Event()
+        if signal is not None:
+            signal.set()
+
+    async def _until_backlog_done(self) -> None:
+        """Wait until this connection's backlog is processed (at most ``BACKLOG_WAIT_S`` per connection)."""
+        while True:
+            rpc = await self._wait_rpc()
+            if self._backlog_for is rpc:
+                return
+            if self._backlog_wait is None or self._backlog_wait[0] is not rpc:
+                self._backlog_wait = (rpc, trio.current_time() + BACKLOG_WAIT_S)
+            if self._backlog_signal is None:
+                self._backlog_signal = trio.Event()
+            deadline = self._backlog_wait[1]
+            with trio.move_on_at(deadline):
+                await _first_of(self._backlog_signal, rpc.closed)
+            if self._backlog_for is not rpc and self._rpc is rpc and trio.current_time() >= deadline:
+                log.warning("the server sent no backlog_done within %.0f s: group sends go ahead", BACKLOG_WAIT_S)
+                self._backlog_for = rpc
+
+    # --- my own new devices learn my groups -----------------------------------------------------
+
+    async def _sync_new_own_devices(self, added: set[str]) -> None:
+        """The master device signed ``added`` into my list: send them every group I am in (no keys)."""
+        added = added - {self.address.device_id}
+        if not added:
+            return
+        groups = await self._loaded_groups()
+        async with self._lock:
+            batch = Batch()
+            for gid, group in groups.items():
+                if self.address.user in group.session.state.members:
+                    sync = GroupBundle(gid, sync=group.session.replica.to_bytes()).to_bytes()
+                    group.outbox.append(OutboxItem(secrets.token_hex(16), [self.user], sync))
+                    self._group_batch(gid, batch)
+            await self._persist(batch)
+        self._wake_group_sends()
 
     # --- state and store ------------------------------------------------------------------------
 
@@ -383,11 +513,19 @@ class GroupsMixin:
                 if name.startswith(KV_PREFIX):
                     group = LocalGroup.from_bytes(value, self._resolve)
                     groups[group.session.state.group_id] = group
+            raw = snapshot.kv.get(HOLDS_KV)
+            recovery = KeyRecovery.from_bytes(raw) if raw is not None else KeyRecovery()
             if self._groups is None:
                 self._groups = groups
-                if any(g.outbox for g in groups.values()):
+                self._recovery = recovery
+                if any(g.outbox for g in groups.values()) or recovery.busy:
                     self._wake_group_sends()
         return self._groups
+
+    def _holds(self) -> KeyRecovery:
+        if self._recovery is None:
+            raise GroupError("groups are not loaded yet")
+        return self._recovery
 
     async def _group(self, gid: bytes) -> LocalGroup:
         group = (await self._loaded_groups()).get(gid)
@@ -395,18 +533,43 @@ class GroupsMixin:
             raise UnknownGroup("no such group on this device")
         return group
 
+    def _group_row(self, gid: bytes) -> str:
+        return KV_PREFIX + self._store.row_id("group", gid.hex()).hex()
+
     def _group_batch(self, gid: bytes, batch: Batch | None = None) -> Batch:
         batch = batch if batch is not None else Batch()
         if self._groups is not None and gid in self._groups:
-            name = KV_PREFIX + self._store.row_id("group", gid.hex()).hex()
-            batch.kv[name] = self._groups[gid].to_bytes()
+            batch.kv[self._group_row(gid)] = self._groups[gid].to_bytes()
         return batch
+
+    # --- backups ----------------------------------------------------------------------------------
+
+    async def _backup_groups(self) -> tuple[BackupGroup, ...]:
+        """Every group this device knows, as backups carry it: state and epoch chain, never keys."""
+        out = []
+        for gid, group in sorted((await self._loaded_groups()).items()):
+            state = group.session.state
+            out.append(BackupGroup(gid, state.name, state.epoch, state.prev_hash,
+                                   tuple(str(u) for u in state.members), tuple(str(u) for u in state.admins),
+                                   group.session.replica.to_bytes()))
+        return tuple(out)
+
+    def _restored_group_rows(self, groups: tuple[BackupGroup, ...]) -> dict[str, bytes]:
+        """Store rows for a restored (new) device: each group's replica as mine, with no chains."""
+        rows = {}
+        for backup in groups:
+            if backup.chain is None:
+                log.info("a group in an old backup has no epoch chain; it is not restored")
+                continue
+            replica = replica_for(backup.chain, self.address)
+            rows[self._group_row(replica.state.group_id)] = LocalGroup(GroupSession(replica, self._resolve)).to_bytes()
+        return rows
 
     # --- receiving (called by the inbox, under the client lock) --------------------------------
 
     async def _receive_group_content(self, sender: DeviceAddress, plaintext: bytes, content: Content,
                                      batch: Batch) -> list[Event]:
-        """A pairwise group bundle: welcome, then controls, then the sender's chain, then its message."""
+        """A pairwise group bundle: welcome or sync, then controls, then the sender's chain, then its message."""
         try:
             raw = require_map(codec.decode(plaintext), "content").get("group")
             if not isinstance(raw, bytes):
@@ -422,12 +585,12 @@ class GroupsMixin:
         gid = bundle.group_id
         group = groups.get(gid)
         if bundle.welcome is not None:
-            group = self._accept_welcome(group, bundle.welcome, sender, events)
-            if group is not None:
-                groups[gid] = group
+            group = self._accept_welcome(group, gid, bundle.welcome, sender, events)
+        if bundle.sync is not None:
+            group = self._accept_sync(group, gid, bundle.sync, sender, events)
         if group is None:
-            log.info("group content for an unknown group from %s", sender)
-            return events
+            return events + self._hold_bundle(sender, gid, plaintext, bundle, batch)
+        groups[gid] = group
         for control in bundle.controls:
             group.session.queue_control(control)
         if bundle.controls:
@@ -439,10 +602,25 @@ class GroupsMixin:
                 log.info("sender key from %s refused: %s", sender, type(exc).__name__)
         if bundle.message is not None:
             events += self._group_decrypt(group, sender, bundle.message, batch)
+        if bundle.distribution is not None or bundle.reply is not None:
+            events += self._retry_held(group, sender, bundle.reply, batch)
         self._group_batch(gid, batch)
+        return events + await self._release_bundles(gid, batch)
+
+    async def _release_bundles(self, gid: bytes, batch: Batch) -> list[Event]:
+        """Process what arrived for ``gid`` before this device knew the group (under the lock)."""
+        events: list[Event] = []
+        book = self._holds()
+        for held in book.bundles_for(gid):
+            batch.kv[HOLDS_KV] = book.to_bytes()
+            try:
+                events += await self._receive_group_content(DeviceAddress.parse(held.sender), held.data,
+                                                            Content.from_bytes(held.data), batch)
+            except (ProtocolError, CryptoError):
+                log.info("a held group content does not parse")
         return events
 
-    def _accept_welcome(self, group: LocalGroup | None, welcome: bytes, sender: DeviceAddress,
+    def _accept_welcome(self, group: LocalGroup | None, gid: bytes, welcome: bytes, sender: DeviceAddress,
                         events: list[Event]) -> LocalGroup | None:
         """Join (or re-join, or catch up after a rebased addition) from an admin's welcome."""
         try:
@@ -450,12 +628,34 @@ class GroupsMixin:
         except CryptoError as exc:
             log.info("group welcome from %s refused: %s", sender, type(exc).__name__)
             return group
+        return self._adopt(group, gid, replica, events)
+
+    def _accept_sync(self, group: LocalGroup | None, gid: bytes, data: bytes, sender: DeviceAddress,
+                     events: list[Event]) -> LocalGroup | None:
+        """A group's replica from one of my own devices (a new device of mine learns my groups)."""
+        if sender.user != self.address.user:
+            log.info("group sync from another user's device %s ignored", sender)
+            return group
+        try:
+            replica = replica_for(data, self.address)
+        except CryptoError as exc:
+            log.info("group sync from %s refused: %s", sender, type(exc).__name__)
+            return group
+        if self.address.user not in replica.state.members:
+            return group
+        return self._adopt(group, gid, replica, events)
+
+    def _adopt(self, group: LocalGroup | None, gid: bytes, replica: GroupReplica,
+               events: list[Event]) -> LocalGroup | None:
+        if replica.state.group_id != gid:
+            log.info("group state for another group id refused")
+            return group
         if group is not None:
             current = group.session.state
             if self.address.user in current.members and replica.state.epoch <= current.epoch:
                 return group                           # nothing newer than what I have
             if self.address.user in current.members:
-                # Same membership, newer view: keep my chains, take the admin's state.
+                # Same membership, newer view: keep my chains, take the newer state.
                 obj = codec.decode(group.session.to_bytes())
                 obj["replica"] = replica.to_bytes()
                 group.session = GroupSession.from_bytes(codec.encode(obj), self._resolve)
@@ -466,7 +666,7 @@ class GroupsMixin:
             return LocalGroup(GroupSession(replica, self._resolve))
         # Re-added after a removal: a fresh start (other members' new chains come with their next sends).
         group.session = GroupSession(replica, self._resolve)
-        group.sent_key, group.given, group.outbox = None, set(), []
+        group.sent_key, group.given, group.outbox, group.anchor = None, {}, [], None
         return group
 
     def _settle(self, group: LocalGroup, events: list[Event]) -> None:
@@ -485,28 +685,48 @@ class GroupsMixin:
             if self.address.user not in group.session.state.members:
                 # Removed: keep the state (history, events) but no chain of this group any more.
                 group.session = GroupSession(group.session.replica, self._resolve)
-                group.sent_key, group.given, group.outbox = None, set(), []
+                group.sent_key, group.given, group.outbox, group.anchor = None, {}, [], None
 
     async def _receive_group_message(self, sender: DeviceAddress, ciphertext: bytes, batch: Batch) -> list[Event]:
-        """A shared sender-key ciphertext: find the group whose chain of ``sender`` has this key id."""
+        """A shared sender-key ciphertext: find the group whose chain of ``sender`` has this key id.
+
+        Under an unknown key id it is held and the sender device is asked for its key.
+        """
         groups = await self._loaded_groups()
+        candidates = []
         for gid, group in groups.items():
-            if sender.user not in group.session.state.members:
+            members = group.session.state.members
+            if sender.user not in members or self.address.user not in members:
                 continue
+            candidates.append(gid)
             events = self._group_decrypt(group, sender, ciphertext, batch, quiet_unknown=True)
             if events:
                 self._group_batch(gid, batch)
                 return events
-        log.info("group message from %s under no known sender key", sender)
-        return [SecurityEvent("decryption_failed", str(sender.user), str(sender),
-                              "a group message could not be decrypted (no sender key)")]
+        unreadable = [SecurityEvent("decryption_failed", str(sender.user), str(sender),
+                                    "a group message could not be decrypted (no sender key)")]
+        if not candidates or self._book.listed_key(str(sender)) is None:
+            log.info("group message from %s under no known sender key", sender)
+            return unreadable
+        try:
+            message = GroupMessage.from_bytes(ciphertext)
+        except CryptoError:
+            return unreadable
+        now = self._clock()
+        book = self._holds()
+        lost = book.hold(Held(str(sender), list(candidates), ciphertext, now))
+        for gid in candidates:
+            if book.want_request(gid, str(sender), message.key_id, message.iteration, now):
+                log.info("asking %s for its sender key", sender)
+        batch.kv[HOLDS_KV] = book.to_bytes()
+        self._wake_group_sends()
+        return self._report_lost(lost, batch)
 
     def _group_decrypt(self, group: LocalGroup, sender: DeviceAddress, message: bytes, batch: Batch,
                        *, quiet_unknown: bool = False) -> list[Event]:
-        now = self._clock()
         try:
-            plain = group.session.decrypt(sender, message, now)
-            message_id, text, sent_ms = decode_body(plain.body)
+            plain = group.session.decrypt(sender, message, self._clock())
+            return self._group_message(group, sender, plain, batch)
         except UnknownSenderKey:
             if quiet_unknown:
                 return []
@@ -516,6 +736,12 @@ class GroupsMixin:
             log.info("group message from %s refused: %s", sender, type(exc).__name__)
             return [SecurityEvent("decryption_failed", str(sender.user), str(sender),
                                   "a group message could not be decrypted")]
+
+    def _group_message(self, group: LocalGroup, sender: DeviceAddress, plain: GroupPlaintext,
+                       batch: Batch) -> list[Event]:
+        """A decrypted group message: into the history (this batch) and one event."""
+        message_id, text, sent_ms = decode_body(plain.body)
+        now = self._clock()
         gid = group.session.state.group_id
         outgoing = str(sender.user) == self.user
         batch.messages.append(HistoryEntry(conversation_of(gid), str(sender), message_id, text, sent_ms, now,
@@ -523,3 +749,207 @@ class GroupsMixin:
         return [GroupMessageReceived(gid.hex(), str(sender.user), str(sender), message_id, text, sent_ms, now,
                                      outgoing, plain.epoch)]
 
+    # --- held messages and key requests ---------------------------------------------------------
+
+    def _hold_bundle(self, sender: DeviceAddress, gid: bytes, plaintext: bytes, bundle: GroupBundle,
+                     batch: Batch) -> list[Event]:
+        """Group content for a group I do not know yet (my new device before its sync): keep it a while."""
+        if bundle.distribution is None and bundle.message is None and not bundle.controls:
+            return []
+        log.info("group content from %s for a group not known yet: held", sender)
+        book = self._holds()
+        lost = book.hold(Held(str(sender), [gid], plaintext, self._clock(), bundle=True))
+        batch.kv[HOLDS_KV] = book.to_bytes()
+        self._wake_group_sends()
+        return self._report_lost(lost, batch)
+
+    def _retry_held(self, group: LocalGroup, sender: DeviceAddress, reply: bytes | None,
+                    batch: Batch) -> list[Event]:
+        """A chain (or an answer) from ``sender`` arrived: decrypt what waited for it, report what cannot."""
+        book = self._holds()
+        gid = group.session.state.group_id
+        if reply is not None:
+            book.answered(gid, str(sender))
+        waiting = book.waiting(str(sender), gid)
+        if not waiting and reply is None:
+            return []
+        events: list[Event] = []
+        lost: list[Held] = []
+        for item in waiting:
+            try:
+                plain = group.session.decrypt(sender, item.data, self._clock())
+                events += self._group_message(group, sender, plain, batch)
+            except UnknownSenderKey:
+                key = item.key()
+                if reply is not None and key is not None and key[0] == reply:
+                    item.group_ids.remove(gid)     # the sender has no more of that chain for this group
+                    if not item.group_ids:
+                        lost.append(item)
+                continue
+            except CryptoError:
+                lost.append(item)
+                continue
+            book.drop(item)
+        for item in lost:
+            book.drop(item)
+        if not book.waiting(str(sender), gid):
+            book.answered(gid, str(sender))          # nothing waits: a later loss may ask again at once
+        batch.kv[HOLDS_KV] = book.to_bytes()
+        return events + self._report_lost(lost, batch, gid)
+
+    def _report_lost(self, lost: list[Held], batch: Batch, group_id: bytes | None = None) -> list[Event]:
+        """ONE event per sender device (and a notice in the group's history) for messages given up on.
+
+        The notice goes to ``group_id``, else to the one group the messages may belong to.
+        """
+        by_sender: dict[str, list[Held]] = {}
+        for item in lost:
+            by_sender.setdefault(item.sender, []).append(item)
+        events: list[Event] = []
+        now = self._clock()
+        for device, items in by_sender.items():
+            user = device.partition("/")[0]
+            count = len(items)
+            if all(i.bundle for i in items):
+                detail = f"{count} group message(s) from this device were for a group this device does not know"
+            else:
+                detail = f"{count} group message(s) from this device could not be decrypted: its sender key " \
+                         "did not arrive"
+            log.info("group messages from %s given up: %d", device, count)
+            events.append(SecurityEvent("decryption_failed", user, device, detail))
+            if group_id is not None:
+                groups = {group_id}
+            else:
+                groups = {g for i in items for g in i.group_ids} if all(len(i.group_ids) == 1 for i in items) \
+                    else set()
+            for gid in sorted(groups):
+                if self._groups is not None and gid in self._groups:
+                    batch.messages.append(HistoryEntry(conversation_of(gid), device,
+                                                       f"lost-{secrets.token_hex(12)}", detail, now, now,
+                                                       user == self.user, kind="notice"))
+        return events
+
+    async def _expire_held(self) -> None:
+        """Report held messages whose wait is over; process held contents of groups learnt meanwhile
+        (e.g. from a history transfer)."""
+        book = self._holds()
+        groups = self._groups or {}
+        deadline = book.next_deadline()
+        learnt = {g for h in book.held if h.bundle for g in h.group_ids if g in groups}
+        if not learnt and (deadline is None or deadline > self._clock()):
+            return
+        async with self._lock:
+            batch = Batch()
+            events: list[Event] = []
+            for gid in sorted(learnt):
+                events += await self._release_bundles(gid, batch)
+            lost = book.expired(self._clock())
+            batch.kv[HOLDS_KV] = book.to_bytes()
+            events += self._report_lost(lost, batch)
+            await self._persist(batch)
+        for event in events:
+            self._emit(event)
+
+    async def _send_key_requests(self) -> None:
+        """Send my queued ``sender_key_request`` contents (pairwise, to the sender's user)."""
+        book = self._holds()
+        while book.due:
+            request = book.due[0]
+            user = str(DeviceAddress.parse(request.device).user)
+            template = Content(SENDER_KEY_REQUEST, secrets.token_hex(16), "", "", self._clock(), 0, bytes(32),
+                               request.to_refs())
+            try:
+                await self._send_content([user], template)
+            except _RECOVERABLE as exc:
+                log.info("sender key request not sent: %s", type(exc).__name__)
+            async with self._lock:
+                if request in book.due:
+                    book.due.remove(request)
+                await self._persist(Batch(kv={HOLDS_KV: book.to_bytes()}))
+
+    async def _receive_key_request(self, sender: DeviceAddress, content: Content, batch: Batch) -> Event | None:
+        """A member device asks for my chain (inbox, under the lock): queued for the background task."""
+        try:
+            request = KeyRequest.from_refs(content.refs)
+        except CryptoError:
+            log.info("malformed sender key request from %s", sender)
+            return None
+        if request.device != str(self.address) or (str(sender.user) != self.user and content.to != self.user):
+            return None                                # for another device of my user
+        groups = await self._loaded_groups()
+        if request.group_id in groups and self._holds().want_answer(str(sender), request):
+            batch.kv[HOLDS_KV] = self._holds().to_bytes()
+            self._wake_group_sends()
+        return None
+
+    async def _answer_key_requests(self) -> None:
+        book = self._holds()
+        while book.answers:
+            requester, request = book.answers[0]
+            try:
+                await self._answer(requester, request)
+            except _RECOVERABLE as exc:
+                log.info("sender key request not answered: %s", type(exc).__name__)
+            async with self._lock:
+                if (requester, request) in book.answers:
+                    book.answers.remove((requester, request))
+                await self._persist(Batch(kv={HOLDS_KV: book.to_bytes()}))
+
+    async def _answer(self, requester: str, request: KeyRequest) -> None:
+        """Hand my chain to ``requester`` if it is a listed device of a current member; else nothing."""
+        parsed = DeviceAddress.parse(requester)
+        user = str(parsed.user)
+        rpc = await self._wait_rpc()
+        await self._device_list(rpc, user)
+        if self._book.listed_key(requester) is None:
+            log.info("sender key request from %s refused: not in its user's signed list", requester)
+            return
+        group = await self._group(request.group_id)
+        gid = request.group_id
+        message_id = secrets.token_hex(16)
+        stale = 0
+        while stale < MAX_STALE_RETRIES:
+            rpc = await self._wait_rpc()
+            try:
+                targets = await self._targets(rpc, [user])
+                await self._ensure_sessions(rpc, targets)
+            except TransportClosed:
+                await self._until_replaced(rpc)
+                continue
+            if requester not in targets:
+                return
+            async with self._lock:
+                group.session.apply_pending()
+                members = group.session.state.members
+                if parsed.user not in members or self.address.user not in members:
+                    log.info("sender key request from %s refused: not a member", requester)
+                    return
+                distribution, since = self._served(group, requester, request)
+                now = self._clock()
+                batch = Batch()
+                answer = GroupBundle(gid, distribution=distribution, reply=request.key_id).to_bytes()
+                payloads = self._pairwise([requester], [user], message_id, now, answer, {}, batch)
+                others = [a for a in targets if a != requester]
+                if others:      # the op must cover the user's devices: the others get an empty bundle
+                    payloads += self._pairwise(others, [user], message_id, now, GroupBundle(gid).to_bytes(), {},
+                                               batch)
+                await self._persist(batch)
+                key_id = group.sent_key
+            if await self._send_or_stale(message_id, payloads):
+                if since is not None:
+                    async with self._lock:
+                        if group.sent_key == key_id:
+                            group.given.setdefault(requester, since)
+                            await self._persist(self._group_batch(gid))
+                return
+            stale += 1
+
+    def _served(self, group: LocalGroup, requester: str, request: KeyRequest) -> tuple[bytes | None, int | None]:
+        """(distribution to hand out, iteration the requester now holds my chain from if new to it)."""
+        outbound = group.session.outbound
+        if outbound is None or not self._chain_is_current(group):
+            return None, None                          # my next send starts a new chain for everyone
+        served = group.served_distribution(requester, request.key_id, request.iteration)
+        if served is not None:
+            return served, None
+        return outbound.distribution().to_bytes(), outbound.iteration

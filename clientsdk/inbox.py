@@ -15,14 +15,15 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from clientsdk.content import SESSION_RESET, Content, content_event
+from clientsdk.content import SENDER_KEY_REQUEST, SESSION_RESET, Content, content_event
 from clientsdk.crypto.errors import CryptoError
 from clientsdk.crypto.identity import DeviceIdentity, PrekeyStore, VerifiedDeviceList
 from clientsdk.crypto.session import PrekeyMessage, parse_message
 from clientsdk.devicelists import ContactBook
-from clientsdk.errors import SdkError, SendFailed
+from clientsdk.errors import ContactKeyChanged, SdkError, SendFailed
 from clientsdk.events import Event, MessageReceived, SecurityEvent
 from clientsdk.groups import GROUP_CONTENT, is_group_message
+from clientsdk.history import HISTORY_CONTENT
 from clientsdk.resets import KV_NAME as RESETS_KV
 from clientsdk.resets import ResetBook, ResetDecision
 from clientsdk.sessions import NoSession, SessionBook
@@ -63,6 +64,17 @@ class InboxMixin:
 
         async def _receive_group_content(self, sender: DeviceAddress, plaintext: bytes, content: Content,
                                          batch: Batch) -> list[Event]: ...          # clientsdk.groups
+
+        async def _receive_key_request(self, sender: DeviceAddress, content: Content,
+                                       batch: Batch) -> Event | None: ...          # clientsdk.groups
+
+        async def _receive_history(self, rpc: RpcClient, sender: DeviceAddress, plaintext: bytes,
+                                   batch: Batch) -> Event | None: ...                # clientsdk.history
+
+        def _key_change_pending(self, user: str) -> bool: ...                       # clientsdk.verify
+
+        async def _hold_for_key_change(self, sender: DeviceAddress, fields: dict[str, Any],
+                                       batch: Batch) -> Event | None: ...           # clientsdk.verify
 
     async def _handle_envelopes(self, rpc: RpcClient, pushes: list[Any]) -> None:
         """Decrypt a batch, store events and state in one hop, emit, then ack (never before storing)."""
@@ -112,6 +124,8 @@ class InboxMixin:
                 return await self._receive_group_message(sender_address, ciphertext, batch)
             try:
                 plaintext = await self._decrypt(rpc, sender_address, ciphertext)
+            except ContactKeyChanged:
+                return await self._hold_for_key_change(sender_address, fields, batch)     # clientsdk.verify
             except CryptoError as exc:
                 if not await self._is_listed(rpc, sender_address):
                     raise
@@ -127,6 +141,10 @@ class InboxMixin:
         self._book.note_sender_list(str(sender_address.user), content)
         if content.type == GROUP_CONTENT:
             return await self._receive_group_content(sender_address, plaintext, content, batch)
+        if content.type == SENDER_KEY_REQUEST:
+            return await self._receive_key_request(sender_address, content, batch)          # clientsdk.groups
+        if content.type == HISTORY_CONTENT:
+            return await self._receive_history(rpc, sender_address, plaintext, batch)      # clientsdk.history
         if content.type == SESSION_RESET:
             log.info("%s restarted its session with %s", sender, self.address)
         event = content_event(content, sender_address, self.user, self._clock())
@@ -184,6 +202,8 @@ class InboxMixin:
     async def _sender_identity_key(self, rpc: RpcClient, sender: DeviceAddress) -> bytes:
         """The sender device's identity key from its user's verified list (re-fetched once if unknown)."""
         key = self._book.listed_key(str(sender))
+        if key is None and self._key_change_pending(str(sender.user)):
+            raise ContactKeyChanged("the sender's master key changed and is not accepted yet")
         if key is None:
             await self._device_list(rpc, str(sender.user), force=True, have_lock=True)
             key = self._book.listed_key(str(sender))

@@ -22,6 +22,7 @@ from clientsdk.resets import KV_NAME as RESETS_KV
 from clientsdk.store import Batch
 from clientsdk.upkeep import plan_prekey_upload
 from federation import signing
+from federation.errors import SecureChatError
 from federation.rpc import RemoteError, RpcClient, open_rpc
 from federation.signing import Purpose
 from federation.transport import TransportClosed
@@ -210,7 +211,16 @@ class ConnectionMixin:
         if push.kind == "prekeys_low":
             await self._top_up_prekeys(rpc, int(fields.get("one_time", 0)))
         elif push.kind == "device_list_changed":
-            self._book.mark_stale(str(fields.get("user", "")))
+            user = str(fields.get("user", ""))
+            self._book.mark_stale(user)
+            try:      # fetch now: the change (and any security event) shows without waiting for a send
+                await self._device_list(rpc, user, force=True)
+            except (RemoteError, SecureChatError) as exc:
+                log.info("re-fetching a changed device list failed (%s); the next send retries", exc.code.value)
+        elif push.kind == "delivery_report":
+            await self._on_delivery_report(rpc, fields)
+        elif push.kind == "backlog_done":
+            self._backlog_reached(rpc)            # every envelope pushed before it is processed (clientsdk.groups)
         elif push.kind == "device_revoked":
             self.revoked = True
             self._emit(SecurityEvent("device_revoked", self.user, str(self.address), "this device was revoked"))

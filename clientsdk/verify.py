@@ -7,9 +7,18 @@ store.  Trust states a user sees:
 - ``unverified``: the master key was trusted on first use;
 - ``verified``: the humans compared safety numbers (``mark_verified``) or a scanned
   QR code matched (``verify_scanned``);
-- ``changed``: the server now reports another master key.  Sending to the contact
-  stops (``ContactKeyChanged``) until ``accept_key_change``, which trusts the new key
-  as *unverified* — a verified contact must be verified again.
+- ``changed``: the server now reports another master key for a *verified* contact.
+  Sending to the contact stops (``ContactKeyChanged``) until ``accept_key_change``,
+  which trusts the new key as *unverified* — the contact must be verified again.
+  (An *unverified* contact's new key is trusted on first use again at once, with a
+  ``master_key_changed`` event: see ``clientsdk.devicelists``.)
+
+Receiving follows the same rule: while a verified contact's key change waits, a
+message from a device that only the new, unaccepted key lists is neither decrypted
+nor shown; its envelope is *held* (sealed in the store, at most ``MAX_HELD``
+envelopes / ``MAX_HELD_BYTES``, 30 days) with one ``message_held`` security event,
+and processed as if just received once the user accepts the key.  Devices the
+trusted list names keep working throughout.
 
 The trusted key in the store stays the old one until the change is accepted, so a
 restart that forgets the ``changed`` marker finds the change again on the next fetch.
@@ -18,25 +27,40 @@ Contact codes only help find the right account: a ``LookupHint`` never changes t
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from clientsdk.contacts import TOFU, VERIFIED
-from clientsdk.crypto.identity import VerifiedDeviceList
+from clientsdk.crypto.identity import PrekeyStore, VerifiedDeviceList
 from clientsdk.crypto.primitives import ct_equal
 from clientsdk.crypto.verification import (
     ContactCode, LookupHint, Party, ScanVerdict, compare_scanned, qr_payload, safety_number,
 )
 from clientsdk.devicelists import ContactBook, ListOutcome
-from clientsdk.errors import ContactKeyChanged, SdkError
+from clientsdk.errors import ContactKeyChanged, SdkError, StoreCorrupted, StoreVersionUnsupported
 from clientsdk.events import Event, SecurityEvent
 from clientsdk.sessions import SessionBook
-from clientsdk.store import Batch
-from federation.addresses import UserAddress
+from clientsdk.store import Batch, Store
+from federation import codec
+from federation.addresses import DeviceAddress, UserAddress
+from federation.errors import CodecError, ProtocolError
 from federation.rpc import RpcClient
+from federation.validate import field, require_map
+
+log = logging.getLogger(__name__)
+
+HELD_KV = "held_messages"
+HELD_VERSION = 1
+MAX_HELD = 200                          # envelopes held for key changes waiting to be accepted
+MAX_HELD_BYTES = 4 << 20                # their ciphertexts together
+HELD_TTL_MS = 30 * 86_400_000           # as long as a server would have kept them (mailbox TTL)
+_HELD_LIMITS = codec.Limits(max_bytes=MAX_HELD_BYTES + (1 << 20), max_depth=4, max_items=MAX_HELD * 8 + 16,
+                            max_container=MAX_HELD * 6)
 
 
 class TrustState(StrEnum):
@@ -72,11 +96,86 @@ class TrustBook(ContactBook):
         return outcome
 
 
+@dataclass(frozen=True, slots=True)
+class HeldEnvelope:
+    """An envelope from a device only an unaccepted master key lists, kept until the user decides."""
+
+    user: str
+    sender: str                # device address
+    message_id: str
+    ciphertext: bytes
+    held_ms: int
+
+    def fields(self) -> dict[str, Any]:
+        """The envelope fields the inbox processes (as if the server pushed it now)."""
+        return {"sender": self.sender, "message_id": self.message_id, "ciphertext": self.ciphertext}
+
+
+class HeldMessages:
+    """Held envelopes (sans-I/O), persisted as one sealed kv row ``{v: 1, items: [...]}``."""
+
+    __slots__ = ("items",)
+
+    def __init__(self, items: list[HeldEnvelope] | None = None) -> None:
+        self.items = items or []
+
+    def __repr__(self) -> str:
+        return f"HeldMessages({len(self.items)})"
+
+    def has(self, user: str) -> bool:
+        return any(i.user == user for i in self.items)
+
+    def add(self, item: HeldEnvelope, now_ms: int) -> bool:
+        """Hold ``item`` unless the caps are reached (False: the message cannot be kept)."""
+        self.prune(now_ms)
+        size = sum(len(i.ciphertext) for i in self.items)
+        if len(self.items) >= MAX_HELD or size + len(item.ciphertext) > MAX_HELD_BYTES:
+            return False
+        self.items.append(item)
+        return True
+
+    def take(self, user: str) -> list[HeldEnvelope]:
+        """Remove and return ``user``'s held envelopes, oldest first."""
+        mine = [i for i in self.items if i.user == user]
+        self.items = [i for i in self.items if i.user != user]
+        return mine
+
+    def prune(self, now_ms: int) -> None:
+        self.items = [i for i in self.items if now_ms - i.held_ms < HELD_TTL_MS]
+
+    def to_bytes(self) -> bytes:
+        return codec.encode({"v": HELD_VERSION, "items": [
+            {"user": i.user, "sender": i.sender, "message_id": i.message_id, "ciphertext": i.ciphertext,
+             "held_ms": i.held_ms} for i in self.items]}, _HELD_LIMITS)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> HeldMessages:
+        try:
+            obj = require_map(codec.decode(data, _HELD_LIMITS), "held messages")
+            if field(obj, "v", int) != HELD_VERSION:
+                raise StoreVersionUnsupported("the held-messages record has an unknown version")
+            items = []
+            for raw in field(obj, "items", list, max_length=MAX_HELD):
+                raw = require_map(raw, "held message")
+                items.append(HeldEnvelope(field(raw, "user", str), field(raw, "sender", str),
+                                          field(raw, "message_id", str), field(raw, "ciphertext", bytes),
+                                          field(raw, "held_ms", int)))
+        except (CodecError, ProtocolError):
+            raise StoreCorrupted("the held-messages record does not parse") from None
+        return cls(items)
+
+
 class VerifyMixin:
     user: str
     _book: ContactBook
     _sessions: SessionBook
+    _store: Store
+    _store_limiter: trio.CapacityLimiter
     _lock: trio.Lock
+    _clock: Callable[[], int]
+    _prekeys: PrekeyStore
+
+    _held: HeldMessages | None = None         # loaded from the store on first use
 
     if TYPE_CHECKING:   # provided by Client (stubs here would shadow them in the MRO)
         def _emit(self, event: Event) -> None: ...
@@ -87,6 +186,11 @@ class VerifyMixin:
 
         async def _device_list(self, rpc: RpcClient, user: str, *, force: bool = False,
                                have_lock: bool = False) -> VerifiedDeviceList: ...
+
+        async def _receive_one(self, rpc: RpcClient, fields: dict[str, Any],
+                               batch: Batch) -> Event | list[Event] | None: ...      # clientsdk.inbox
+
+        def _queue_delivery_receipts(self, events: list[Event]) -> None: ...       # clientsdk.background
 
     # --- parties and numbers ---------------------------------------------------------------
 
@@ -178,10 +282,16 @@ class VerifyMixin:
 
         Only the key the user was warned about is accepted: if the server now reports
         yet another one, ``ContactKeyChanged`` again.  Sessions with devices whose
-        identity key is not in the new list are dropped.
+        identity key is not in the new list are dropped.  Messages held while the change
+        waited are then processed (events and history, as if they just arrived).
         """
         address, _ = self._them(user)
         if not isinstance(self._book, TrustBook) or address not in self._book.key_changes:
+            if (await self._held_messages()).has(address):
+                # The change was settled otherwise (marked unverified, so the new key was trusted
+                # on first use): what was held is processed under the key trusted now.
+                await self._release_held(await self._wait_rpc(), address)
+                return
             raise VerificationError(f"no master key change is pending for {address}", code="no_key_change")
         warned = self._book.key_changes[address]
         rpc = await self._wait_rpc()
@@ -211,6 +321,76 @@ class VerifyMixin:
                 await self._persist(batch)
         self._emit(SecurityEvent("master_key_accepted", address, None,
                                  "the new master key is trusted, unverified: compare safety numbers again"))
+        await self._release_held(rpc, address)
+
+    # --- messages held while a key change waits -------------------------------------------
+
+    def _key_change_pending(self, user: str) -> bool:
+        """Does a verified contact's master key change wait for the user's decision?"""
+        return isinstance(self._book, TrustBook) and user in self._book.key_changes and user != self.user
+
+    async def _held_messages(self) -> HeldMessages:
+        if self._held is None:
+            raw = await trio.to_thread.run_sync(self._store.get_kv, HELD_KV, limiter=self._store_limiter)
+            held = HeldMessages.from_bytes(raw) if raw is not None else HeldMessages()
+            held.prune(self._clock())
+            if self._held is None:
+                self._held = held
+        return self._held
+
+    async def _hold_for_key_change(self, sender: DeviceAddress, fields: dict[str, Any],
+                                   batch: Batch) -> Event | None:
+        """Called by the inbox (under the client lock) for a message only an unaccepted key vouches for.
+
+        The envelope is kept in the store (same hop as its ack) and processed once the
+        change is accepted; the app hears about it once per contact and change.
+        """
+        user, device = str(sender.user), str(sender)
+        if not self._key_change_pending(user):
+            return SecurityEvent("decryption_failed", user, device,
+                                 "a message from a device the trusted master key does not list was refused")
+        held = await self._held_messages()
+        first = not held.has(user)
+        now = self._clock()
+        item = HeldEnvelope(user, device, str(fields.get("message_id", "")), fields["ciphertext"], now)
+        if not held.add(item, now):
+            log.info("held-message limit reached; a message from %s was dropped", device)
+            return SecurityEvent("decryption_failed", user, device,
+                                 "a message under an unaccepted master key was dropped: too many are held")
+        batch.kv[HELD_KV] = held.to_bytes()
+        if not first:
+            return None
+        return SecurityEvent("message_held", user, device,
+                             "a message from a device under the new, not yet accepted master key is held until "
+                             "the key change is accepted")
+
+    async def _release_held(self, rpc: RpcClient, user: str) -> None:
+        """Process ``user``'s held envelopes now that the new key is trusted (events, history, receipts)."""
+        held = await self._held_messages()
+        if not held.has(user):
+            return
+        events: list[Event] = []
+        async with self._lock:
+            items = held.take(user)
+            batch = Batch()
+            done = 0
+            try:
+                for item in items:
+                    event = await self._receive_one(rpc, item.fields(), batch)
+                    done += 1
+                    if isinstance(event, list):
+                        events.extend(event)
+                    elif event is not None:
+                        events.append(event)
+            finally:
+                held.items[:0] = items[done:]          # interrupted: the rest stays held
+                batch.kv[HELD_KV] = held.to_bytes()
+                batch.kv["prekeys"] = self._prekeys.to_bytes()
+                with trio.CancelScope(shield=True):
+                    await self._persist(batch)
+                for event in events:
+                    self._emit(event)
+        self._queue_delivery_receipts(events)
 
     # --- contact codes --------------------------------------------------------------------
 

@@ -2,7 +2,10 @@
 
 Contents (``BackupContents``, explicit fields only): the master key pair (the private
 half only if this device holds it), contacts with their trust state, group states and
-message history.  There is deliberately no field for ratchet sessions, sender-key
+message history.  Contents version 2 adds to every group its epoch chain (``chain``:
+``GroupReplica`` bytes — states and admin-signed changes, no keys), so a restored
+device can settle later changes; an encoder writes version 1 when no group carries a
+chain (backups without groups stay readable by older clients), and both are read.  There is deliberately no field for ratchet sessions, sender-key
 chains or the device identity key: a restore creates a *new device*, signed into the
 device list by the restored master key, which opens fresh sessions (LESSONS #8:
 rolled-back ratchet state is what breaks restored Signal sessions).  Decoding refuses
@@ -48,7 +51,8 @@ import nacl.bindings
 import nacl.exceptions
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from clientsdk.crypto.errors import BackupInvalid, RecoveryKeyMistyped, UnsupportedVersion
+from clientsdk.crypto.errors import BackupInvalid, CryptoError, RecoveryKeyMistyped, UnsupportedVersion
+from clientsdk.crypto.group_state import GroupReplica
 from clientsdk.crypto.primitives import ZERO_SALT, Rng, ct_equal, hkdf_sha256, system_rng
 from federation import codec
 from federation.addresses import UserAddress
@@ -57,7 +61,8 @@ from federation.validate import field as wire_field
 from federation.validate import non_negative, require_map
 
 HEADER_VERSION = 1
-CONTENTS_VERSION = 1
+CONTENTS_VERSION = 2          # v1: groups without their epoch chain (still read)
+MAX_GROUP_CHAIN = 4 << 20
 MAGIC = b"SCBK"
 KIND_RECOVERY_KEY = "recovery-key"
 KIND_PASSPHRASE = "passphrase"
@@ -201,7 +206,12 @@ class BackupContact:
 
 @dataclass(frozen=True, slots=True)
 class BackupGroup:
-    """The client-held group state of DESIGN §4; sender-key chains have no place here."""
+    """The client-held group state of DESIGN §4; sender-key chains have no place here.
+
+    ``chain`` (contents v2) is the group's ``GroupReplica`` bytes: its current state,
+    the last states with the admin-signed changes between them and pending changes.
+    It must describe the same state as the other fields.
+    """
 
     group_id: bytes
     name: str
@@ -209,6 +219,7 @@ class BackupGroup:
     previous_hash: bytes
     members: tuple[str, ...]
     admins: tuple[str, ...]
+    chain: bytes | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         _check_bytes(self.group_id, "group id", min_len=16, max_len=64)
@@ -217,10 +228,23 @@ class BackupGroup:
         _check_bytes(self.previous_hash, "previous state hash", 32)
         for member in (*self.members, *self.admins):
             _check_user(member, "group member")
+        if self.chain is not None:
+            _check_bytes(self.chain, "group chain", max_len=MAX_GROUP_CHAIN)
+            try:
+                state = GroupReplica.from_bytes(self.chain).state
+            except CryptoError:
+                raise ValueError("group chain does not parse") from None
+            if (state.group_id, state.name, state.epoch, state.prev_hash, tuple(str(u) for u in state.members),
+                    tuple(str(u) for u in state.admins)) != (self.group_id, self.name, self.epoch,
+                                                            self.previous_hash, self.members, self.admins):
+                raise ValueError("group chain describes another state")
 
     def to_map(self) -> dict[str, Any]:
-        return {"group_id": self.group_id, "name": self.name, "epoch": self.epoch,
-                "previous_hash": self.previous_hash, "members": list(self.members), "admins": list(self.admins)}
+        out = {"group_id": self.group_id, "name": self.name, "epoch": self.epoch,
+               "previous_hash": self.previous_hash, "members": list(self.members), "admins": list(self.admins)}
+        if self.chain is not None:
+            out["chain"] = self.chain
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,6 +299,13 @@ class BackupContents:
                             (self.history, BackupMessage)):
             if not isinstance(items, tuple) or not all(isinstance(item, kind) for item in items):
                 raise ValueError(f"backup {kind.__name__} entries must be a tuple of {kind.__name__}")
+        if len({g.chain is None for g in self.groups}) > 1:
+            raise ValueError("either every backup group carries its chain or none does")
+
+    @property
+    def version(self) -> int:
+        """The contents version this backup is written in: 2 only when groups carry their chain."""
+        return CONTENTS_VERSION if any(g.chain is not None for g in self.groups) else 1
 
     def master_key(self) -> Ed25519PrivateKey | None:
         """The restored master signing key, if this backup holds it."""
@@ -283,7 +314,7 @@ class BackupContents:
         return Ed25519PrivateKey.from_private_bytes(self.master_private_key)
 
     def to_map(self) -> dict[str, Any]:
-        return {"v": CONTENTS_VERSION, "user": self.user, "master_public_key": self.master_public_key,
+        return {"v": self.version, "user": self.user, "master_public_key": self.master_public_key,
                 "master_private_key": self.master_private_key, "created_ms": self.created_ms,
                 "contacts": [c.to_map() for c in self.contacts], "groups": [g.to_map() for g in self.groups],
                 "history": [m.to_map() for m in self.history]}
@@ -297,9 +328,9 @@ class BackupContents:
         try:
             obj = require_map(codec.decode(data, CONTENTS_LIMITS), "backup contents")
             version = wire_field(obj, "v", int)
-            if version != CONTENTS_VERSION:
+            if version not in (1, CONTENTS_VERSION):
                 raise UnsupportedVersion(f"backup contents version {version} is not supported")
-            return _contents_from_map(obj)
+            return _contents_from_map(obj, version)
         except (ProtocolError, ValueError):
             raise _invalid("contents do not parse") from None
 
@@ -315,7 +346,7 @@ def _list(obj: dict[str, Any], name: str) -> list[Any]:
     return wire_field(obj, name, list)
 
 
-def _contents_from_map(obj: dict[str, Any]) -> BackupContents:
+def _contents_from_map(obj: dict[str, Any], version: int) -> BackupContents:
     _exact(obj, {"v", "user", "master_public_key", "master_private_key", "created_ms", "contacts", "groups",
                  "history"}, "backup contents")
     private = obj["master_private_key"]
@@ -328,14 +359,16 @@ def _contents_from_map(obj: dict[str, Any]) -> BackupContents:
                                       TrustState(wire_field(c, "trust", str)), wire_field(c, "display_name", str)))
     groups = []
     for item in _list(obj, "groups"):
-        g = _exact(item, {"group_id", "name", "epoch", "previous_hash", "members", "admins"}, "group")
+        names = {"group_id", "name", "epoch", "previous_hash", "members", "admins"}
+        g = _exact(item, names | {"chain"} if version >= 2 else names, "group")
         members = tuple(_list(g, "members"))
         admins = tuple(_list(g, "admins"))
         if not all(isinstance(m, str) for m in (*members, *admins)):
             raise ValueError("group members must be text")
         groups.append(BackupGroup(wire_field(g, "group_id", bytes), wire_field(g, "name", str),
                                   non_negative(wire_field(g, "epoch", int), "epoch"),
-                                  wire_field(g, "previous_hash", bytes), members, admins))
+                                  wire_field(g, "previous_hash", bytes), members, admins,
+                                  wire_field(g, "chain", bytes) if version >= 2 else None))
     history = []
     for item in _list(obj, "history"):
         m = _exact(item, {"conversation", "sender", "sent_ms", "body"}, "history entry")

@@ -25,7 +25,7 @@ import trio
 
 from federation import codec
 from federation.addresses import DeviceAddress, UserAddress
-from federation.errors import ErrorCode, ProtocolError, RequestRejected
+from federation.errors import ErrorCode, ProtocolError, RequestRejected, SecureChatError
 from federation.frames import Push, PushKind
 from federation.outbound import draft
 from federation.s2s import EnvelopeClass, EnvelopeKind
@@ -66,6 +66,16 @@ def envelope_push(entry: MailboxEntry) -> Push:
                                                "ts_ms": entry.ts_ms, "report": entry.ciphertext})
     return Push(PushKind.ENVELOPE, {"seq": entry.seq, "sender": entry.sender, "message_id": entry.message_id,
                                     "ts_ms": entry.ts_ms, "ciphertext": entry.ciphertext})
+
+
+def _reported_users(report: bytes, reporter: str) -> list[str]:
+    """Users named by a delivery report frame ``{body, key_id, sig}`` (all of the reporter's domain)."""
+    frame = require_map(codec.decode(report), "delivery report")
+    body = require_map(codec.decode(field(frame, "body", bytes)), "delivery report body")
+    users = [str(UserAddress.parse(u)) for u in require_map(field(body, "users", dict), "users")]
+    if any(UserAddress.parse(u).domain != reporter for u in users):
+        raise ProtocolError("a delivery report may only name the reporter's users")
+    return users
 
 
 class DeviceDelivery:
@@ -362,6 +372,14 @@ class MailboxHandler:
         """A signed delivery report about one of our devices' sends: into that device's mailbox."""
         (device,) = env.recipients
         DeviceAddress.parse(device)
+        if self.remote is not None:
+            # Our cached copy of those users' lists was stale (that is why the report
+            # exists): refresh it first, or the sender's repair would be checked against it.
+            for user in _reported_users(env.payload, origin):
+                try:
+                    await self.remote.device_list(user, force=True)
+                except SecureChatError as exc:
+                    log.warning("refreshing a reported device list failed: %s", exc.code.value)
         now = self.clock()
         digest = hashlib.sha256(env.payload).digest()
         await self.mailboxes.queue_deliver(f"{SERVER_SENDER_PREFIX}{origin}", f"report:{env.id.hex()}", digest,

@@ -85,7 +85,7 @@ def test_contents_validation():
         BackupGroup(b"\x11" * 16, "g", -1, b"\x22" * 32, (), ())
     good = codec.decode(sample_contents().encode())
     with pytest.raises(UnsupportedVersion):
-        BackupContents.decode(codec.encode({**good, "v": 2}))
+        BackupContents.decode(codec.encode({**good, "v": 3}))
     with pytest.raises(BackupInvalid):
         BackupContents.decode(codec.encode({**good, "created_ms": "yesterday"}))
     with pytest.raises(BackupInvalid):
