@@ -78,6 +78,7 @@ class Homeserver:
         if config.federation.enabled:
             self.federation = self._wire_federation(memory_network, discovery)
         self.sessions: set[Session] = set()
+        self.federation_links: set[Transport] = set()      # peers' incoming /fed connections
         self.ports: dict[str, int] = {}          # bound listener ports, for the discovery document
         self.started_ms = clock()
 
@@ -116,7 +117,11 @@ class Homeserver:
         if self.federation is None:
             await transport.aclose(1008, "federation is disabled on this server")
             return
-        await serve_federation_connection(transport, self.federation, transport.remote)
+        self.federation_links.add(transport)
+        try:
+            await serve_federation_connection(transport, self.federation, transport.remote)
+        finally:
+            self.federation_links.discard(transport)
 
     def _on_open(self, session: Session) -> None:
         self.sessions.add(session)
@@ -159,6 +164,9 @@ class Homeserver:
         with trio.move_on_after(grace_s):
             while self.sessions:
                 await trio.sleep(0.01)
+        for transport in list(self.federation_links):      # peers retry against our successor
+            with trio.move_on_after(1):
+                await transport.aclose(CLOSE_GOING_AWAY, "server shutting down")
 
     async def health(self) -> dict[str, Any]:
         counts = await self.storage.mailboxes.counts()
@@ -237,10 +245,12 @@ async def serve(config: Config, server_keys: list[ServerKey], *, storage: Storag
             log.info("shutting down: draining connections")
             await hs.drain(config.shutdown_grace_s)
             http_stop.set()
-            federation_scope.cancel()            # stop sending before storage closes
             if hs.federation is not None:
+                # Links close while their readers still run (a clean close handshake);
+                # then the senders stop, before storage closes.
                 with trio.CancelScope(shield=True):
                     await hs.federation.aclose()
+            federation_scope.cancel()
             if own_storage:
                 await storage.aclose()
             listeners.cancel_scope.cancel()

@@ -14,10 +14,14 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
+from federation import codec
+from federation.links import MAX_FED_FRAME, http_federation_app_handler
+
 if TYPE_CHECKING:
     from homeserver.app import Homeserver
 
 log = logging.getLogger("securechat.http")
+FEDERATION_PREFIX = "/_securechat/federation/"
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -53,7 +57,9 @@ def make_app(hs: Homeserver) -> Callable[[Scope, Receive, Send], Awaitable[None]
         if scope["type"] != "http":
             return
         path, method = scope["path"], scope["method"]
-        if method not in ("GET", "HEAD"):
+        if path.startswith(FEDERATION_PREFIX):
+            await _federation(hs, scope, receive, send)
+        elif method not in ("GET", "HEAD"):
             await _json(send, 405, {"error": {"code": "bad_request", "message": "method not allowed"}})
         elif path == "/healthz":
             health = await hs.health()
@@ -64,6 +70,40 @@ def make_app(hs: Homeserver) -> Callable[[Scope, Receive, Send], Awaitable[None]
             await _json(send, 404, {"error": {"code": "not_found", "message": "no such endpoint"}})
 
     return app
+
+
+async def _federation(hs: Homeserver, scope: Scope, receive: Receive, send: Send) -> None:
+    """HTTP federation (``transport = "http"``): the signed frame is the body, msgpack answers."""
+    if hs.federation is None:
+        status, reply = 404, codec.encode({"error": {"code": "not_found", "message": "federation is disabled"}})
+    else:
+        body = await _read_body(receive, MAX_FED_FRAME)
+        if body is None:
+            status, reply = 413, codec.encode({"error": {"code": "too_large", "message": "request body too large"}})
+        else:
+            client = scope.get("client") or ("?", 0)
+            status, reply = await http_federation_app_handler(hs.federation, scope["method"], scope["path"], body,
+                                                              f"{client[0]}:{client[1]}")
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/msgpack"), (b"content-length", str(len(reply)).encode())]})
+    await send({"type": "http.response.body", "body": reply})
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    """The whole request body, or None once it exceeds ``limit`` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
 async def _json(send: Send, status: int, body: dict[str, Any]) -> None:
