@@ -313,17 +313,25 @@ class Transaction:
 
 
 def sign_transaction(key: Ed25519PrivateKey, key_id: str, *, origin: str, destination: str,
-                     ts_ms: int, txn_id: bytes, envelopes: Sequence[Envelope]) -> bytes:
-    """The wire frame of one attempt; every attempt is signed afresh (new ts_ms, new txn_id)."""
+                     ts_ms: int, txn_id: bytes, envelopes: Sequence[Envelope],
+                     envelopes_checked: bool = False) -> bytes:
+    """The wire frame of one attempt; every attempt is signed afresh (new ts_ms, new txn_id).
+
+    ``envelopes_checked``: the caller validated every envelope when it was queued (the
+    homeserver's storage does), so only the frame-level bounds are checked again here.
+    """
     txn = Transaction(origin, destination, ts_ms, txn_id, tuple(envelopes))
     body = signing.signing_input(Purpose.S2S_TXN, txn.fields())
-    try:
-        _parse_body(codec.decode(body, BODY_LIMITS))   # refuse to sign what no receiver accepts
-    except (ProtocolError, AddressError, CodecError) as exc:
-        raise MalformedTransaction(f"refusing to sign a malformed transaction: {exc.message}") from None
+    if not envelopes_checked:
+        try:
+            _parse_body(codec.decode(body, BODY_LIMITS))   # refuse to sign what no receiver accepts
+        except (ProtocolError, AddressError, CodecError) as exc:
+            raise MalformedTransaction(f"refusing to sign a malformed transaction: {exc.message}") from None
+    elif len(body) > MAX_TRANSACTION_BYTES or not 0 < len(envelopes) <= MAX_ENVELOPES:
+        raise MalformedTransaction("refusing to sign a transaction over the size bounds")
     if not _KEY_ID.fullmatch(key_id):
         raise MalformedTransaction("key id must be 1-64 of A-Z a-z 0-9 : . _ -")
-    sig = signing.sign(key, Purpose.S2S_TXN, txn.fields())
+    sig = signing.sign_input(key, body)
     return codec.encode({"body": body, "key_id": key_id, "sig": sig}, FRAME_LIMITS)
 
 

@@ -45,6 +45,11 @@ def sign(private_key: Ed25519PrivateKey, purpose: Purpose, fields: Mapping[str, 
     return private_key.sign(signing_input(purpose, fields))
 
 
+def sign_input(private_key: Ed25519PrivateKey, data: bytes) -> bytes:
+    """Sign bytes that ``signing_input`` produced (saves encoding the fields twice)."""
+    return private_key.sign(data)
+
+
 def verify(public_key: bytes, purpose: Purpose, fields: Mapping[str, Any], signature: bytes) -> None:
     """Raise ``InvalidSignature`` unless ``signature`` signs ``fields`` for ``purpose``."""
     if not isinstance(public_key, bytes) or len(public_key) != PUBLIC_KEY_LEN:

@@ -61,7 +61,7 @@ class FederationConfig:
     max_held_per_origin: int = 10_000            # envelopes held back behind a seq gap
     max_in_flight: int = 4                       # transactions per destination
     max_batch_envelopes: int = 100
-    batch_wait_ms: int = 5
+    batch_wait_ms: int = 0                       # batches form while the window is full; no extra wait
     backoff_base_ms: int = 1_000
     backoff_cap_ms: int = 10 * 60 * 1000
     digest_interval_s: float = 600.0             # device-list digest comparison per peer

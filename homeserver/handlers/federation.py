@@ -53,6 +53,7 @@ SERVER_LOCALPART = "=server"          # sender/recipient of server-originated en
 REQUEST_REPLAY_WINDOW_S = 600.0
 REMOTE_LIST_REFRESH_MS = 86_400_000   # re-fetch (and so re-subscribe) a cached remote list after a day
 MAX_REMEMBERED_REQUESTS = 100_000
+VERIFIED_LISTS_CACHED = 10_000
 DELIVERY_REPORT_TTL_MS = 7 * 86_400_000
 
 Rng = Callable[[int], bytes]
@@ -201,7 +202,8 @@ class OutboundSender:
         now = self.clock()
         key = current_key(self.server_keys, now)
         frame = s2s.sign_transaction(key.private_key, key.key_id, origin=self.domain, destination=destination,
-                                     ts_ms=now, txn_id=batch.txn_id, envelopes=batch.envelopes)
+                                     ts_ms=now, txn_id=batch.txn_id, envelopes=batch.envelopes,
+                                     envelopes_checked=True)      # storage checked each when it was queued
         try:
             link = await self.links.get(destination)
             await link.send_transaction(frame)
@@ -229,6 +231,38 @@ class OutboundSender:
 EnvelopeHandler = Callable[[str, Envelope], Awaitable[None]]
 
 
+class _Turn:
+    """One transaction's place in its origin's processing order."""
+
+    def __init__(self, previous: trio.Event | None) -> None:
+        self._previous = previous
+        self.done = trio.Event()
+
+    async def __aenter__(self) -> None:
+        if self._previous is not None:
+            try:
+                await self._previous.wait()
+            except BaseException:
+                self.done.set()          # cancelled while waiting: never block the turns after us
+                raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.done.set()
+
+
+class _Lane:
+    """Per origin: ``lock`` orders the queueing, turns order the processing."""
+
+    def __init__(self) -> None:
+        self.lock = trio.Lock()
+        self._tail: trio.Event | None = None
+
+    def next_turn(self) -> _Turn:
+        turn = _Turn(self._tail)
+        self._tail = turn.done
+        return turn
+
+
 class InboundReceiver:
     """Takes transactions: refuse, verify, store and acknowledge, then release in order."""
 
@@ -241,7 +275,7 @@ class InboundReceiver:
         self.limiter = limiter
         self.clock = clock
         self.handlers: dict[EnvelopeKind, EnvelopeHandler] = {}
-        self._locks: dict[str, trio.Lock] = {}
+        self._lanes: dict[str, _Lane] = {}
         self.received_transactions = 0
         self.rejected_transactions = 0
 
@@ -266,10 +300,15 @@ class InboundReceiver:
         lookup = await key_lookup_for(self.discovery, origin, key_id)
         txn = s2s.verify_transaction(frame, expected_destination=self.domain, now_ms=self.clock(),
                                      key_lookup=lookup)
-        lock = self._locks.setdefault(txn.origin, trio.Lock())
-        async with lock:      # one origin's releases are processed in the order they were released
+        lane = self._lanes.setdefault(txn.origin, _Lane())
+        async with lane.lock:
+            # Queued in arrival order, so storage releases in that order; the commit is
+            # awaited outside the lock, so several transactions of one origin share a
+            # group commit, and their releases are processed one after the other.
             completion = await self.store.queue_receive(txn.origin, txn.txn_id, list(txn.envelopes), self.clock(),
                                                         max_held=self.config.federation.max_held_per_origin)
+            turn = lane.next_turn()
+        async with turn:
             result = await completion.result()
             if result.duplicate:
                 raise s2s.ReplayedTransaction("this transaction id was already received")
@@ -280,7 +319,10 @@ class InboundReceiver:
         """Process envelopes released before a restart but not yet handed on."""
         pending = await self.store.released()
         for origin, env in pending:
-            async with self._locks.setdefault(origin, trio.Lock()):
+            lane = self._lanes.setdefault(origin, _Lane())
+            async with lane.lock:
+                turn = lane.next_turn()
+            async with turn:
                 await self._process(origin, [env])
         return len(pending)
 
@@ -325,6 +367,7 @@ class RemoteKeys:
         self.rng = rng
         self._seen_requests: OrderedDict[tuple[str, bytes], float] = OrderedDict()
         self._fetch_locks: dict[str, trio.Lock] = {}
+        self._verified: OrderedDict[str, tuple[int, int, frozenset[str]]] = OrderedDict()  # user -> version, fetched, ids
         # set by the composition root: local answers and local notifications
         self.local_device_list: Callable[[str], Awaitable[dict[str, Any]]] | None = None
         self.local_claim: Callable[[str, list[str]], Awaitable[dict[str, Any]]] | None = None
@@ -365,6 +408,7 @@ class RemoteKeys:
                 return cached
             if await self.store.put_remote_device_list(entry) and cached is not None:
                 self._notify(user, entry.version)
+            self._remember(entry)
             return entry if cached is None or entry.version >= cached.version else cached
 
     def _checked_list(self, user: str, result: dict[str, Any]) -> RemoteDeviceList:
@@ -377,9 +421,28 @@ class RemoteKeys:
         return RemoteDeviceList(user, listed.version, signed.body, signed.signature, self.clock(), master_key)
 
     async def current_devices(self, user: str) -> frozenset[str]:
-        """Device ids of a remote user's current list (for coverage checks at the origin)."""
-        entry = await self.device_list(user)
-        return SignedDeviceList(entry.body, entry.sig).open(entry.master_key).device_ids()
+        """Device ids of a remote user's current list (for coverage checks at the origin).
+
+        On the send path: served from memory (verified once per list version), so a send
+        to a remote user costs no database read and no signature check (DESIGN §7).
+        """
+        known = self._verified.get(user)
+        if known is not None and self.clock() - known[1] < REMOTE_LIST_REFRESH_MS:
+            self._verified.move_to_end(user)
+            return known[2]
+        return self._remember(await self.device_list(user))
+
+    def _remember(self, entry: RemoteDeviceList) -> frozenset[str]:
+        """Cache the verified device ids of ``entry`` (replacing an older version's)."""
+        known = self._verified.get(entry.user)
+        if known is not None and known[0] > entry.version:
+            return known[2]
+        ids = SignedDeviceList(entry.body, entry.sig).open(entry.master_key).device_ids()
+        self._verified[entry.user] = (entry.version, entry.fetched_ms, ids)
+        self._verified.move_to_end(entry.user)
+        while len(self._verified) > VERIFIED_LISTS_CACHED:
+            self._verified.popitem(last=False)
+        return ids
 
     async def claim(self, user: str, device_ids: list[str] | None) -> dict[str, Any]:
         """Claim bundles of a remote user's devices: one-time prekeys exactly once, never cached."""
@@ -491,6 +554,7 @@ class RemoteKeys:
             return
         entry = RemoteDeviceList(user, listed.version, signed.body, signed.signature, self.clock(), cached.master_key)
         if await self.store.put_remote_device_list(entry):
+            self._remember(entry)
             self._notify(user, listed.version)
 
     async def send_digests(self) -> int:
