@@ -32,6 +32,8 @@ test: $(VENV)/.installed-test
 bench: $(VENV)/.installed
 	$(PY) bench/crypto.py
 	$(PY) bench/relay.py
+	$(PY) bench/e2e.py
+	$(PY) bench/federation.py
 
 conformance: $(VENV)/.installed
 	$(PY) -m conformance ws://127.0.0.1:8448/c2s
