@@ -29,10 +29,25 @@ from clientsdk.resets import ResetBook, ResetDecision
 from clientsdk.sessions import NoSession, SessionBook
 from clientsdk.store import Batch, HistoryEntry, Store
 from federation.addresses import DeviceAddress
-from federation.errors import ProtocolError
+from federation.errors import ErrorCode, ProtocolError
 from federation.rpc import RemoteError, RpcClient
 
 log = logging.getLogger(__name__)
+
+# Server answers that say "not now" rather than "no": the sender's keys may be there later.
+TRANSIENT_CODES = frozenset({ErrorCode.RATE_LIMITED, ErrorCode.SHUTTING_DOWN, ErrorCode.REMOTE_ERROR,
+                             ErrorCode.UNKNOWN_DOMAIN, ErrorCode.INTERNAL})
+
+
+class KeysUnavailable(SdkError):
+    """The sender's signed list could not be fetched right now (a transient server answer).
+
+    The envelope is left unprocessed and unacknowledged, so the server pushes it again
+    on the next connection: a passing failure must not turn a message into a
+    ``decryption_failed`` event and lose it (LESSONS #1, #9).
+    """
+
+    code = "keys_unavailable"
 
 
 class InboxMixin:
@@ -87,16 +102,20 @@ class InboxMixin:
             try:
                 for push, key in zip(pushes, keys):
                     seq = push.fields.get("seq")
+                    if key not in done and key not in batch.processed:
+                        try:
+                            event = await self._receive_one(rpc, push.fields, batch)
+                        except KeysUnavailable as exc:
+                            log.info("envelope from %s kept for the next connection: %s",
+                                     push.fields.get("sender"), exc)
+                            continue              # neither processed nor acked: pushed again later
+                        batch.processed.add(key)      # only once handled: an interrupted one comes again
+                        if isinstance(event, list):
+                            events.extend(event)
+                        elif event is not None:
+                            events.append(event)
                     if isinstance(seq, int) and seq > 0:
                         acks.append(seq)
-                    if key in done or key in batch.processed:
-                        continue
-                    event = await self._receive_one(rpc, push.fields, batch)
-                    batch.processed.add(key)      # only once handled: an interrupted one comes again
-                    if isinstance(event, list):
-                        events.extend(event)
-                    elif event is not None:
-                        events.append(event)
             finally:
                 # Even when the connection drops mid-batch, what was decrypted (and moved the
                 # ratchets) is stored, or its redelivery would be a replay and the message lost.
@@ -105,10 +124,13 @@ class InboxMixin:
                     await self._persist(batch)
                 for event in events:
                     self._emit(event)
+                # Stored is delivered: the receipt is queued with the event, not after the ack's
+                # round trip, so a connection that ends in between loses no receipt (the
+                # redelivered envelope is skipped as processed and would never queue one).
+                self._queue_delivery_receipts(events)
         # Acked only now: every event of the batch, session_reset notices included, is stored.
         if acks:
             await rpc.request("ack", seqs=acks)
-        self._queue_delivery_receipts(events)
         if self._resets.unsent:
             self._work_ready.set()
 
@@ -134,6 +156,8 @@ class InboxMixin:
             if self._resets.on_decrypted(sender):
                 batch.kv[RESETS_KV] = self._resets.to_bytes()
             content = Content.from_bytes(plaintext)
+        except KeysUnavailable:
+            raise                                   # not this message's fault: it comes again
         except (CryptoError, ProtocolError, SdkError, RemoteError) as exc:
             log.info("undecryptable envelope from %s: %s", sender, type(exc).__name__)
             return SecurityEvent("decryption_failed", str(sender).partition("/")[0], str(sender),
@@ -205,7 +229,12 @@ class InboxMixin:
         if key is None and self._key_change_pending(str(sender.user)):
             raise ContactKeyChanged("the sender's master key changed and is not accepted yet")
         if key is None:
-            await self._device_list(rpc, str(sender.user), force=True, have_lock=True)
+            try:
+                await self._device_list(rpc, str(sender.user), force=True, have_lock=True)
+            except RemoteError as exc:
+                if exc.code in TRANSIENT_CODES:
+                    raise KeysUnavailable(f"the sender's device list is unavailable ({exc.code.value})") from exc
+                raise
             key = self._book.listed_key(str(sender))
         if key is None:
             raise SendFailed("the sender device is not in its user's signed list", code="unknown_sender_device")

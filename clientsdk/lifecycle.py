@@ -35,6 +35,7 @@ MessageHandler = Callable[[MessageReceived], Awaitable[None]]
 PROCESSED_KEEP_MS = 31 * 86_400_000            # dedupe keys outlive the server's redelivery window
 ENVELOPE_BATCH = 100
 MAINTENANCE_INTERVAL_S = 6 * 3600
+CLOSE_FLUSH_S = 5.0                             # at most this long at the end of connect() for queued receipts
 
 
 def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
@@ -62,6 +63,7 @@ class ConnectionMixin:
                 await nursery.start(self._connection_loop, connector, nursery)
                 try:
                     yield self
+                    await self._flush_receipts()      # a clean exit only: after an error, leave at once
                 finally:
                     self._stopping = True
                     rpc = self._rpc
@@ -72,6 +74,17 @@ class ConnectionMixin:
                     nursery.cancel_scope.cancel()
         finally:
             self._running = False
+
+    async def _flush_receipts(self) -> None:
+        """Let queued delivery receipts go out before the connection closes (bounded, best effort).
+
+        They live in memory only (a crash loses them, never a message), so without this a
+        client that reads a message and leaves at once, a bot or a CLI ``receive``, would
+        never tell the sender: the end of ``connect()`` cancelled the background send.
+        """
+        with trio.move_on_after(CLOSE_FLUSH_S):
+            while self._receipts_due and self._rpc is not None:
+                await trio.sleep(0.01)
 
     async def _connection_loop(self, connector: Connector, transport_nursery: trio.Nursery,
                                task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -215,8 +228,10 @@ class ConnectionMixin:
             self._book.mark_stale(user)
             try:      # fetch now: the change (and any security event) shows without waiting for a send
                 await self._device_list(rpc, user, force=True)
-            except (RemoteError, SecureChatError) as exc:
-                log.info("re-fetching a changed device list failed (%s); the next send retries", exc.code.value)
+            except (SecureChatError, SdkError) as exc:
+                # A refused list (SendFailed, ContactKeyChanged) has emitted its security event
+                # already; raising here would end the pump and drop the connection.
+                log.info("re-fetching a changed device list failed (%s); the next send retries", exc.code)
         elif push.kind == "delivery_report":
             await self._on_delivery_report(rpc, fields)
         elif push.kind == "backlog_done":
