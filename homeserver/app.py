@@ -91,6 +91,9 @@ class Homeserver:
         fed.remote.local_claim = lambda user, device_ids: self.keys.claim_for(user, device_ids)
         fed.remote.notify_local = self.directory.notify_list_changed
         fed.inbound.handlers[EnvelopeKind.MESSAGE] = self.mailbox.deliver_remote
+        fed.inbound.planner = self.mailbox.plan_remote
+        fed.inbound.on_delivered = self.mailbox.on_delivered
+        fed.inbound.report_stale = self.mailbox.report_stale
         fed.inbound.handlers[EnvelopeKind.DELIVERY_REPORT] = self.mailbox.deliver_report
         return fed
 

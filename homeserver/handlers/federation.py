@@ -275,6 +275,11 @@ class InboundReceiver:
         self.limiter = limiter
         self.clock = clock
         self.handlers: dict[EnvelopeKind, EnvelopeHandler] = {}
+        # Message envelopes released by the write that receives them are stored in that same
+        # write (one commit before the recipient sees them, not two): set by the composition root.
+        self.planner: Callable[[Envelope], Awaitable[Any]] | None = None
+        self.on_delivered: Callable[[Any], None] | None = None
+        self.report_stale: Callable[[str, Envelope, Any], Awaitable[None]] | None = None
         self._lanes: dict[str, _Lane] = {}
         self.received_transactions = 0
         self.rejected_transactions = 0
@@ -300,20 +305,45 @@ class InboundReceiver:
         lookup = await key_lookup_for(self.discovery, origin, key_id)
         txn = s2s.verify_transaction(frame, expected_destination=self.domain, now_ms=self.clock(),
                                      key_lookup=lookup)
+        plans = await self._plan_messages(txn.envelopes)
         lane = self._lanes.setdefault(txn.origin, _Lane())
         async with lane.lock:
             # Queued in arrival order, so storage releases in that order; the commit is
             # awaited outside the lock, so several transactions of one origin share a
             # group commit, and their releases are processed one after the other.
-            completion = await self.store.queue_receive(txn.origin, txn.txn_id, list(txn.envelopes), self.clock(),
-                                                        max_held=self.config.federation.max_held_per_origin)
+            completion = await self.store.queue_receive(
+                txn.origin, txn.txn_id, list(txn.envelopes), self.clock(),
+                max_held=self.config.federation.max_held_per_origin,
+                plans={i: p.delivery for i, p in plans.items() if p.delivery is not None},
+                on_commit=self._on_receive_committed)
             turn = lane.next_turn()
         async with turn:
             result = await completion.result()
             if result.duplicate:
                 raise s2s.ReplayedTransaction("this transaction id was already received")
             self.received_transactions += 1
+            if self.report_stale is not None:
+                for env, _ in result.delivered:
+                    await self.report_stale(txn.origin, env, plans[env.id])
             await self._process(txn.origin, result.released)
+
+    async def _plan_messages(self, envelopes: Iterable[Envelope]) -> dict[bytes, Any]:
+        """Coverage plans for the message envelopes, so a release stores them in the same write."""
+        plans: dict[bytes, Any] = {}
+        if self.planner is None:
+            return plans
+        for env in envelopes:
+            if env.kind is EnvelopeKind.MESSAGE:
+                try:
+                    plans[env.id] = await self.planner(env)
+                except SecureChatError:
+                    continue          # a bad payload: the ordinary path drops it, with a log line
+        return plans
+
+    def _on_receive_committed(self, result: Any) -> None:
+        if self.on_delivered is not None:
+            for _, delivered in result.delivered:
+                self.on_delivered(delivered)
 
     async def recover(self) -> int:
         """Process envelopes released before a restart but not yet handed on."""

@@ -19,6 +19,7 @@ import heapq
 import logging
 import os
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -35,7 +36,9 @@ from homeserver.config import Config
 from homeserver.connection import Deferred, Session
 from homeserver.handlers.directory import DeviceDirectory
 from homeserver.ratelimit import RateLimiter
-from homeserver.storage.models import DeliverResult, DeviceState, MailboxEntry, MailboxStore, OutboundDraft
+from homeserver.storage.models import (
+    DeliverResult, DeliveryPlan, DeviceState, MailboxEntry, MailboxStore, OutboundDraft,
+)
 
 if TYPE_CHECKING:
     from federation.s2s import Envelope
@@ -66,6 +69,15 @@ def envelope_push(entry: MailboxEntry) -> Push:
                                                "ts_ms": entry.ts_ms, "report": entry.ciphertext})
     return Push(PushKind.ENVELOPE, {"seq": entry.seq, "sender": entry.sender, "message_id": entry.message_id,
                                     "ts_ms": entry.ts_ms, "ciphertext": entry.ciphertext})
+
+
+@dataclass(frozen=True, slots=True)
+class RemotePlan:
+    """A remote message checked against our devices: the mailbox write (if any) and the mismatch."""
+
+    message_id: str
+    delivery: DeliveryPlan | None
+    stale: dict[str, dict[str, list[str]]]
 
 
 def _reported_users(report: bytes, reporter: str) -> list[str]:
@@ -290,7 +302,7 @@ class MailboxHandler:
         # envelopes for other domains are queued in the same write.
         queued = await self.mailboxes.queue_deliver(session.device, key, digest, local, now,
                                                     self.config.mailbox_ttl_ms,
-                                                    on_commit=self._on_delivered, outbound=outbound)
+                                                    on_commit=self.on_delivered, outbound=outbound)
 
         async def committed() -> dict[str, Any]:
             result = await queued.result()
@@ -301,7 +313,8 @@ class MailboxHandler:
 
         return Deferred(committed)
 
-    def _on_delivered(self, result: DeliverResult) -> None:
+    def on_delivered(self, result: DeliverResult) -> None:
+        """Committed mailbox entries: push them to connected devices; queued envelopes: send them."""
         self._notify(result.entries)
         if result.outbound and self.outbound is not None:
             self.outbound.on_committed(result.outbound)
@@ -333,6 +346,19 @@ class MailboxHandler:
     # -- federation: envelopes released by the inbound side ---------------------------
     async def deliver_remote(self, origin: str, env: Envelope) -> None:
         """A message from another domain: check coverage again here, store, report any mismatch."""
+        plan = await self.plan_remote(env)
+        if plan.delivery is not None:
+            d = plan.delivery
+            await self.mailboxes.queue_deliver(d.sender, d.message_id, d.digest, d.payloads, self.clock(), d.ttl_ms,
+                                               on_commit=self.on_delivered)
+        await self.report_stale(origin, env, plan)
+
+    async def report_stale(self, origin: str, env: Envelope, plan: RemotePlan) -> None:
+        if plan.stale and self.outbound is not None:
+            await self.outbound.report_delivery(origin, env, plan.message_id, plan.stale)
+
+    async def plan_remote(self, env: Envelope) -> RemotePlan:
+        """Coverage of a remote message against our devices now: what to store, what to report."""
         obj = require_map(codec.decode(env.payload), "message payload")
         message_id = field(obj, "message_id", str, max_length=MAX_MESSAGE_ID)
         repair = field(obj, "repair", bool, default=False)
@@ -359,14 +385,11 @@ class MailboxHandler:
                 stale[user] = {"missing": missing, "extra": extra, "revoked": revoked}
         deliverable = [([d for d in devices if d in kept], c) for devices, c in payloads]
         deliverable = [(devices, c) for devices, c in deliverable if devices]
-        now = self.clock()
         digest = hashlib.sha256(codec.encode([[sorted(d), c] for d, c in payloads])).digest()
         key = f"{message_id}{REPAIR_SUFFIX}{digest[:6].hex()}" if repair else message_id
-        if deliverable:
-            await self.mailboxes.queue_deliver(env.sender, key, digest, deliverable, now,
-                                               max(1, env.expires_ms - now), on_commit=self._on_delivered)
-        if stale and self.outbound is not None:
-            await self.outbound.report_delivery(origin, env, message_id, stale)
+        delivery = (DeliveryPlan(env.sender, key, digest, deliverable, max(1, env.expires_ms - self.clock()))
+                    if deliverable else None)
+        return RemotePlan(message_id, delivery, stale)
 
     async def deliver_report(self, origin: str, env: Envelope) -> None:
         """A signed delivery report about one of our devices' sends: into that device's mailbox."""
@@ -384,7 +407,7 @@ class MailboxHandler:
         digest = hashlib.sha256(env.payload).digest()
         await self.mailboxes.queue_deliver(f"{SERVER_SENDER_PREFIX}{origin}", f"report:{env.id.hex()}", digest,
                                            [([device], env.payload)], now, max(1, env.expires_ms - now),
-                                           on_commit=self._on_delivered)
+                                           on_commit=self.on_delivered)
 
     async def ack(self, session: Session, params: dict[str, Any]) -> dict[str, Any] | Deferred:
         seqs = field(params, "seqs", list)

@@ -20,7 +20,7 @@ from homeserver.storage.accounts import AccountRepository
 from homeserver.storage.db import DEFAULT_URL, Database, WriteFailed, create_storage_engine, open_database
 from homeserver.storage.devices import DeviceRepository
 from homeserver.storage.federation import FederationRepository
-from homeserver.storage.mailboxes import MailboxRepository
+from homeserver.storage.mailboxes import MailboxRepository, deliver_in_transaction
 from homeserver.storage.memory import MemoryFederation, MemoryStorage
 from homeserver.storage.models import (
     CLAIMED_PREKEY_TTL_MS,
@@ -66,7 +66,7 @@ class SqlStorage:
         self.accounts = AccountRepository(database)
         self.devices = DeviceRepository(database, claimed_ttl_ms=claimed_ttl_ms)
         self.mailboxes = MailboxRepository(database)
-        self.federation = FederationRepository(database)
+        self.federation = FederationRepository(database, deliver=deliver_in_transaction)
 
     async def aclose(self) -> None:
         """Refuse new writes, flush the queued ones, close the database."""

@@ -26,7 +26,7 @@ rebuilt on read; ``recipients`` is a canonical msgpack list.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import (
@@ -59,6 +59,8 @@ from homeserver.storage.models import (
     INBOUND_TXN_TTL_MS,
     SUBSCRIPTION_TTL_MS,
     Completion,
+    DeliverResult,
+    DeliveryPlan,
     HoldBackFull,
     OutboundDraft,
     OutboundState,
@@ -335,8 +337,12 @@ def _remember_release(conn: Connection, origin: str, env: Envelope, now_ms: int)
     return True
 
 
+DeliverFn = Callable[[Connection, str, str, bytes, list[tuple[list[str], bytes]], int, int], DeliverResult]
+
+
 def _receive(conn: Connection, origin: str, txn_id: bytes, envelopes: Sequence[Envelope], now_ms: int,
-             txn_ttl_ms: int, max_held: int) -> ReceiveResult:
+             txn_ttl_ms: int, max_held: int, plans: Mapping[bytes, DeliveryPlan] | None = None,
+             deliver: DeliverFn | None = None) -> ReceiveResult:
     txn_key = {"origin": origin, "txn_id": txn_id}
     seen_txn = _find_txn.first(conn, txn_key)
     if seen_txn is not None and int(seen_txn[0]) > now_ms:
@@ -360,8 +366,14 @@ def _receive(conn: Connection, origin: str, txn_id: bytes, envelopes: Sequence[E
     (_insert_txn if seen_txn is None else _update_txn).rowcount(
         conn, {**txn_key, "expires_ms": now_ms + txn_ttl_ms})
     released: list[Envelope] = []
+    delivered: list[tuple[Envelope, DeliverResult]] = []
+    # Storing in this write keeps the order only if nothing released earlier is still
+    # waiting to be processed, and only up to the first release without a plan.
+    in_op = bool(plans) and deliver is not None and \
+        int((_held_count.first(conn, {"released": True, "origin": origin}) or (0,))[0]) == 0
     for cls in EnvelopeClass:
         new = fresh[cls]
+        in_order = in_op
         for seq in range(next_seq[cls], end[cls]):
             at = {"origin": origin, "cls": cls.value, "seq": seq}
             arrived = new.pop(seq, None)
@@ -369,6 +381,15 @@ def _receive(conn: Connection, origin: str, txn_id: bytes, envelopes: Sequence[E
             if env.expires_ms <= now_ms or not _remember_release(conn, origin, env, now_ms):
                 if arrived is None:
                     _delete_at.rowcount(conn, at)
+                continue
+            plan = plans.get(env.id) if in_order and plans and arrived is not None else None
+            in_order = plan is not None
+            if plan is not None:
+                # Released in the write that received it: straight into the mailboxes, so the
+                # message is durable and deliverable after one commit, not two.
+                assert deliver is not None
+                delivered.append((env, deliver(conn, plan.sender, plan.message_id, plan.digest, plan.payloads,
+                                               now_ms, plan.ttl_ms)))
                 continue
             if arrived is None:
                 _release_at.rowcount(conn, {**at, "released": True})
@@ -382,7 +403,7 @@ def _receive(conn: Connection, origin: str, txn_id: bytes, envelopes: Sequence[E
             params = {"origin": origin, "cls": cls.value, "next_seq": end[cls]}
             if not _update_inbound_seq.rowcount(conn, params):
                 _insert_inbound_seq.rowcount(conn, params)
-    return ReceiveResult(False, tuple(released), held_after)
+    return ReceiveResult(False, tuple(released), held_after, tuple(delivered))
 
 
 def _load(conn: Connection, at: dict[str, Any]) -> tuple[Any, ...]:
@@ -469,8 +490,9 @@ def user_domain(user: str) -> str:
 class FederationRepository:
     """``FederationStore`` over SQL; every write is one queued op (group commit)."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, deliver: DeliverFn | None = None) -> None:
         self._db = db
+        self._deliver = deliver          # the mailbox write, for plans applied inside queue_receive
 
     # --- outbound ---
 
@@ -514,15 +536,21 @@ class FederationRepository:
 
     async def queue_receive(self, origin: str, txn_id: bytes, envelopes: Sequence[Envelope],
                             now_ms: int, txn_ttl_ms: int = INBOUND_TXN_TTL_MS,
-                            max_held: int = INBOUND_MAX_HELD) -> Completion[ReceiveResult]:
+                            max_held: int = INBOUND_MAX_HELD, plans: Mapping[bytes, DeliveryPlan] | None = None,
+                            on_commit: Callable[[ReceiveResult], None] | None = None
+                            ) -> Completion[ReceiveResult]:
         """Store a verified transaction of ``origin`` in ONE write op; see the module docstring.
 
-        ``result()`` raises ``HoldBackFull`` (nothing changed, the txn id not
-        remembered) when more than ``max_held`` envelopes would wait behind a gap.
+        ``plans`` (by envelope id): envelopes of THIS transaction released by this write are
+        stored in mailboxes in the same write and reported in ``delivered``, not
+        ``released``. ``result()`` raises ``HoldBackFull`` (nothing changed, the txn id
+        not remembered) when more than ``max_held`` envelopes would wait behind a gap.
         """
         items = list(envelopes)
+        deliver = self._deliver
         return await self._db.queue(
-            lambda conn: _receive(conn, origin, txn_id, items, now_ms, txn_ttl_ms, max_held))
+            lambda conn: _receive(conn, origin, txn_id, items, now_ms, txn_ttl_ms, max_held, plans, deliver),
+            on_commit)
 
     async def released(self) -> list[tuple[str, Envelope]]:
         """Released but unprocessed envelopes (restart recovery), by origin, class, seq."""

@@ -110,6 +110,12 @@ def _deliver(conn: Connection, sender: str, message_id: str, digest: bytes,
     return DeliverResult("new", tuple(entries), queued)
 
 
+def deliver_in_transaction(conn: Connection, sender: str, message_id: str, digest: bytes,
+                           payloads: list[tuple[list[str], bytes]], now_ms: int, ttl_ms: int) -> DeliverResult:
+    """The mailbox write, for another repository's op (federation: receive and deliver at once)."""
+    return _deliver(conn, sender, message_id, digest, payloads, now_ms, ttl_ms)
+
+
 def _pending(conn: Connection, device: str, after_seq: int, limit: int) -> list[MailboxEntry]:
     if limit <= 0:
         return []

@@ -9,7 +9,7 @@ against both implementations.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import hmac
 import itertools
@@ -28,6 +28,7 @@ from homeserver.storage.models import (
     OutboundDraft,
     OutboundState,
     ReceiveResult,
+    DeliveryPlan,
     RemoteDeviceList,
     NewAccount,
     Completion,
@@ -318,6 +319,11 @@ class MemoryMailboxRepository:
         drafts = list(outbound)
         check_drafts(drafts, now_ms)
         await trio.lowlevel.checkpoint()
+        return self.deliver_now(sender, message_id, digest, payloads, now_ms, ttl_ms, drafts)
+
+    def deliver_now(self, sender: str, message_id: str, digest: bytes, payloads: list[tuple[list[str], bytes]],
+                    now_ms: int, ttl_ms: int, drafts: Sequence[OutboundDraft] = ()) -> DeliverResult:
+        """The mailbox write without a checkpoint (also applied inside a federation receive)."""
         seen = self._s.message_ids.get((sender, message_id))
         if seen is not None and seen[1] > now_ms:
             same = hmac.compare_digest(seen[0], digest)
@@ -415,6 +421,8 @@ class MemoryFederation:
         self._seen: dict[tuple[str, bytes], int] = {}           # -> expires_ms
         self._lists: dict[str, RemoteDeviceList] = {}
         self._subs: dict[tuple[str, str], int] = {}             # (user, domain) -> last_seen_ms
+        # the mailbox write, for plans applied inside queue_receive (set by MemoryStorage)
+        self.deliver: Callable[..., DeliverResult] | None = None
 
     # --- outbound ---
 
@@ -493,7 +501,9 @@ class MemoryFederation:
 
     async def queue_receive(self, origin: str, txn_id: bytes, envelopes: Sequence[Envelope],
                             now_ms: int, txn_ttl_ms: int = INBOUND_TXN_TTL_MS,
-                            max_held: int = INBOUND_MAX_HELD) -> Completion[ReceiveResult]:
+                            max_held: int = INBOUND_MAX_HELD, plans: Mapping[bytes, DeliveryPlan] | None = None,
+                            on_commit: Callable[[ReceiveResult], None] | None = None
+                            ) -> Completion[ReceiveResult]:
         await trio.lowlevel.checkpoint()
         rows = self._inbound.get(origin, {})
         if self._txns.get((origin, txn_id), now_ms) > now_ms:
@@ -517,14 +527,24 @@ class MemoryFederation:
         self._txns[(origin, txn_id)] = now_ms + txn_ttl_ms
         rows = self._inbound.setdefault(origin, {})
         released: list[Envelope] = []
+        delivered: list[tuple[Envelope, DeliverResult]] = []
+        in_op = bool(plans) and self.deliver is not None and not any(r for r, _ in rows.values())
         for cls in EnvelopeClass:
             new = fresh[cls]
+            in_order = in_op
             for seq in range(next_seq[cls], end[cls]):
                 arrived = new.pop(seq, None)
                 env = arrived if arrived is not None else rows.pop((cls, seq))[1]
                 if env.expires_ms <= now_ms or self._seen.get((origin, env.id), now_ms) > now_ms:
                     continue
                 self._seen[(origin, env.id)] = env.expires_ms
+                plan = plans.get(env.id) if in_order and plans and arrived is not None else None
+                in_order = plan is not None
+                if plan is not None:
+                    assert self.deliver is not None
+                    delivered.append((env, self.deliver(plan.sender, plan.message_id, plan.digest, plan.payloads,
+                                                        now_ms, plan.ttl_ms)))
+                    continue
                 rows[(cls, seq)] = (True, env)
                 released.append(env)
             for env in new.values():
@@ -533,7 +553,10 @@ class MemoryFederation:
                 self._in_seq[(origin, cls)] = end[cls]
         if not rows:
             del self._inbound[origin]
-        return Done(ReceiveResult(False, tuple(released), held_after))
+        result = ReceiveResult(False, tuple(released), held_after, tuple(delivered))
+        if on_commit is not None:
+            on_commit(result)
+        return Done(result)
 
     async def released(self) -> list[tuple[str, Envelope]]:
         await trio.lowlevel.checkpoint()
@@ -613,6 +636,7 @@ class MemoryStorage:
         self.devices = MemoryDeviceRepository(state, claimed_ttl_ms=claimed_ttl_ms)
         self.federation = MemoryFederation()
         self.mailboxes = MemoryMailboxRepository(state, self.federation)
+        self.federation.deliver = self.mailboxes.deliver_now
 
     async def aclose(self) -> None:
         await trio.lowlevel.checkpoint()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Generic, Literal, Protocol, TypeVar
 
 import trio
@@ -137,6 +137,20 @@ class ReceiveResult:
     duplicate: bool                        # txn id already seen: nothing changed
     released: tuple[Envelope, ...]         # newly releasable, control first, seq order per class
     held: int                              # envelopes now held back behind a gap (this origin)
+    # Released envelopes that had a ``DeliveryPlan``: stored in mailboxes in the same write
+    # (not in ``released``), with the mailbox outcome of each.
+    delivered: tuple[tuple[Envelope, DeliverResult], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryPlan:
+    """How to store a remote message in mailboxes if the write that receives it also releases it."""
+
+    sender: str
+    message_id: str
+    digest: bytes
+    payloads: list[tuple[list[str], bytes]]
+    ttl_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,7 +327,9 @@ class FederationStore(Protocol):
     # --- inbound ---
     async def queue_receive(self, origin: str, txn_id: bytes, envelopes: Sequence[Envelope],
                             now_ms: int, txn_ttl_ms: int = INBOUND_TXN_TTL_MS,
-                            max_held: int = INBOUND_MAX_HELD) -> Completion[ReceiveResult]: ...
+                            max_held: int = INBOUND_MAX_HELD, plans: Mapping[bytes, DeliveryPlan] | None = None,
+                            on_commit: Callable[[ReceiveResult], None] | None = None
+                            ) -> Completion[ReceiveResult]: ...
     async def released(self) -> list[tuple[str, Envelope]]: ...
     async def queue_processed(self, origin: str,
                               envelope_ids: Sequence[bytes]) -> Completion[int]: ...

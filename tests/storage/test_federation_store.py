@@ -18,6 +18,7 @@ from sqlalchemy import Connection
 from federation.errors import ErrorCode
 from federation.outbound import EnvelopeDraft
 from federation.s2s import Envelope, EnvelopeClass, EnvelopeKind
+from homeserver.storage.models import DeliveryPlan
 from homeserver.storage import (
     SCHEMA_VERSION,
     DeviceState,
@@ -507,3 +508,37 @@ async def test_migration_v1_to_v2_keeps_existing_data(tmp_path: Path, nursery) -
         reopened = await open_storage(f"sqlite:///{path}", again)
         assert [e.id for e in await reopened.federation.outbound_pending(THERE)] == [eid(1)]
         await reopened.aclose()
+
+
+# --- receive and deliver in one write ----------------------------------------------------------
+
+
+def plan_for(e: Envelope) -> DeliveryPlan:
+    return DeliveryPlan(e.sender, f"m{e.seq}", bytes(32), [([f"alice@{HERE}/AAAAAAAAAA"], e.payload)], FAR)
+
+
+async def test_planned_messages_are_stored_in_the_receiving_write_and_keep_their_order(backend: Backend) -> None:
+    store = backend.store
+    seen: list = []
+    e1, e2, e3, e4 = env(1), env(2), env(3), env(4)
+    # seq 2 arrives first: held (its plan is not used later: it did not arrive with the releasing write)
+    result = await (await store.federation.queue_receive(THERE, eid(900), [e2], 100,
+                                                         plans={e2.id: plan_for(e2)})).result()
+    assert (result.released, result.delivered, result.held) == ((), (), 1)
+    # seq 1 arrives: stored in this write; seq 2 is released the ordinary way, after it
+    result = await (await store.federation.queue_receive(
+        THERE, eid(901), [e1], 100, plans={e1.id: plan_for(e1)}, on_commit=seen.append)).result()
+    assert [(e.seq, d.status) for e, d in result.delivered] == [(1, "new")]
+    assert [e.seq for e in result.released] == [2] and seen == [result]
+    # seq 2 is still released-but-unprocessed: seq 3 must wait behind it, not jump ahead
+    result = await (await store.federation.queue_receive(THERE, eid(902), [e3], 100,
+                                                         plans={e3.id: plan_for(e3)})).result()
+    assert result.delivered == () and [e.seq for e in result.released] == [3]
+    await (await store.federation.queue_processed(THERE, [e2.id, e3.id])).result()
+    # nothing waiting any more: stored at once again
+    result = await (await store.federation.queue_receive(THERE, eid(903), [e4], 100,
+                                                         plans={e4.id: plan_for(e4)})).result()
+    assert [e.seq for e, _ in result.delivered] == [4] and result.released == ()
+    mailbox = await store.mailboxes.pending(f"alice@{HERE}/AAAAAAAAAA", 0, 10)
+    assert [(m.message_id, m.ciphertext) for m in mailbox] == [("m1", e1.payload), ("m4", e4.payload)]
+    assert await store.federation.released() == []
