@@ -38,5 +38,9 @@ bench: $(VENV)/.installed
 conformance: $(VENV)/.installed
 	$(PY) -m conformance ws://127.0.0.1:8448/c2s
 
+# Two homeservers (example.org, example.net) on free loopback ports, in a temporary directory.
+demo: $(VENV)/.installed
+	$(PY) examples/two_orgs.py
+
 clean:
 	rm -rf $(VENV) build *.egg-info

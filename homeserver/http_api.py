@@ -33,7 +33,10 @@ def discovery_document(hs: Homeserver) -> dict[str, Any]:
     ws_port, http_port = hs.ports.get("ws", config.websocket_port), hs.ports.get("http", config.http_port)
     now = hs.clock()
     base = config.public_base or f"ws://{config.websocket_host}:{ws_port}"
-    endpoints = {"c2s": f"{base}/c2s", "http": f"http://{config.http_host}:{http_port}"}
+    # Behind a reverse proxy both listeners share the public origin (wss:// -> https://).
+    http = ("http" + config.public_base[2:] if config.public_base.startswith("ws")
+            else f"http://{config.http_host}:{http_port}")
+    endpoints = {"c2s": f"{base}/c2s", "http": http}
     if hs.federation is not None:
         endpoints["fed"] = f"{base}/fed"
     return {

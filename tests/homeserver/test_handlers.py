@@ -276,3 +276,18 @@ async def test_healthz_and_discovery_over_http(tmp_path, nursery):
         assert (await http.get("/nope")).status_code == 404
         assert (await http.post("/healthz")).status_code == 405
     running.stop.set()
+
+
+def test_discovery_document_behind_a_proxy_names_public_endpoints(tmp_path):
+    """With ``public_base`` every advertised endpoint is the public origin, HTTP included."""
+    from homeserver.app import Homeserver
+    from homeserver.http_api import discovery_document
+    from homeserver.server_keys import new_server_key
+    from homeserver.storage import MemoryStorage
+    from tests.homeserver.conftest import make_config
+
+    config = make_config(tmp_path).replace(public_base="wss://chat.example.org")
+    hs = Homeserver(config, MemoryStorage(), [new_server_key(0, 10**15)])
+    endpoints = discovery_document(hs)["endpoints"]
+    assert endpoints == {"c2s": "wss://chat.example.org/c2s", "fed": "wss://chat.example.org/fed",
+                         "http": "https://chat.example.org"}
