@@ -235,6 +235,7 @@ class ConnectionMixin:
         elif push.kind == "delivery_report":
             await self._on_delivery_report(rpc, fields)
         elif push.kind == "backlog_done":
+            self._note_backlog_end(rpc, fields.get("seq"))     # later envelopes skip the dedupe read (inbox)
             self._backlog_reached(rpc)            # every envelope pushed before it is processed (clientsdk.groups)
         elif push.kind == "device_revoked":
             self.revoked = True

@@ -12,11 +12,13 @@ same sessions (LESSONS #11), and a stolen store file must reveal nothing.
   swapped between tables, keys or stores.  Row keys that would reveal metadata
   (contact names, device addresses, message ids) are keyed hashes.
 * The engine is synchronous; the trio client calls it through ``trio.to_thread``
-  once per batch (``apply``), never per message.  That worker thread shares the
-  GIL with the client's trio thread, and every C call that releases the GIL
-  (``os.urandom``, libsodium through cffi, ``hmac.digest``, each SQLite step) costs
-  up to a switch interval (5 ms) to get it back while the trio thread is busy: the
-  write path makes as few such calls as it can (see ``_RowSealer``, ``apply``).
+  once per batch (``apply``), never per message, and merges the batches queued
+  meanwhile into one (``Batch.merge``, ``clientsdk.client.GroupCommit``).  That
+  worker thread shares the GIL with the client's trio thread, and every C call that
+  releases the GIL (``os.urandom``, libsodium through cffi, ``hmac.digest``, each
+  SQLite step) costs up to a switch interval (5 ms) to get it back while the trio
+  thread is busy: the write path makes as few such calls as it can (see
+  ``_RowSealer``, ``apply``).
 
 Tables: ``meta`` (plaintext: schema version, KDF, store id, key check),
 ``kv`` (account, identity, master key, prekey store), ``sessions``, ``contacts``,
@@ -42,6 +44,7 @@ import sqlalchemy as sa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.pool import PoolProxiedConnection
 
 from clientsdk.errors import (
     StoreCorrupted,
@@ -114,6 +117,22 @@ class Batch:
         return bool(self.kv or self.sessions or self.deleted_sessions or self.contacts or self.processed
                     or self.messages)
 
+    def merge(self, later: Batch) -> None:
+        """Fold ``later`` into this batch: applying the result equals applying both, this one first.
+
+        Group commit (``clientsdk.client``) writes the batches queued behind a running
+        commit in one transaction; later values win, a later deletion drops an earlier
+        write (``Store.apply`` deletes sessions before it writes them).
+        """
+        self.kv.update(later.kv)
+        for device in later.deleted_sessions:
+            self.sessions.pop(device, None)
+            self.deleted_sessions.add(device)
+        self.sessions.update(later.sessions)
+        self.contacts.update(later.contacts)
+        self.processed |= later.processed
+        self.messages += later.messages
+
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
@@ -140,9 +159,10 @@ class Store:
         # the same bytes as ``hmac.digest`` without re-keying (and without releasing the GIL).
         self._index_mac = hmac.new(self._index_key, digestmod="sha256")
         # kv values as last committed (or loaded): ``apply`` skips rewriting an unchanged one
-        # (the client hands in its whole prekey store with every received batch).
+        # (e.g. the whole prekey store after a received prekey message).
         self._kv_committed: dict[str, bytes] = {}
         self._sealer = _RowSealer(key)
+        self._raw: PoolProxiedConnection | None = None      # see ``_writer``
 
     def __repr__(self) -> str:
         return "Store(<open>)"
@@ -221,6 +241,9 @@ class Store:
         return store
 
     def close(self) -> None:
+        if self._raw is not None:
+            self._raw.close()
+            self._raw = None
         self._engine.dispose()
 
     # -- row encryption --
@@ -392,8 +415,8 @@ class Store:
                 or batch.messages):
             return
         try:
-            with self._engine.begin() as conn:
-                db = conn.connection.driver_connection
+            db = self._writer()
+            try:
                 if kv:
                     _insert_rows(db, "INSERT OR REPLACE INTO kv (name, value)",
                                  [(name, self._seal("kv", name.encode(), value)) for name, value in kv.items()])
@@ -414,9 +437,28 @@ class Store:
                                  [(self.row_id("processed", key), now_ms) for key in batch.processed])
                 if batch.messages:
                     self._insert_messages(db, batch.messages)
+                db.commit()
+            except BaseException:
+                db.rollback()
+                raise
         except (SQLAlchemyError, sqlite3.Error) as exc:
             raise _fail_db(exc) from None
         self._kv_committed.update(kv)
+
+    def _writer(self) -> sqlite3.Connection:
+        """The engine's one sqlite3 connection (``StaticPool``), checked out once for ``apply``.
+
+        sqlite3 opens the transaction at the first write and ``commit`` ends it: the
+        same statements as through ``engine.begin()``, without SQLAlchemy's checkout,
+        reset and transaction objects (~50 µs per commit, in a thread that holds the
+        GIL the trio thread is waiting for).
+        """
+        if self._raw is None:
+            self._raw = self._engine.raw_connection()
+        db = self._raw.driver_connection
+        if not isinstance(db, sqlite3.Connection):
+            raise StoreCorrupted("store file is unreadable (no sqlite3 connection)")
+        return db
 
     def _sealed_row(self, table: str, rid: bytes, obj: dict[str, Any]) -> tuple[bytes, bytes]:
         return rid, self._seal(table, rid, codec.encode(obj, _VALUE_LIMITS))

@@ -76,9 +76,88 @@ def _canonical(obj: Any, depth: int, budget: list[int], limits: Limits) -> Any:
     raise _reject(f"type {type(obj).__name__} cannot be encoded")
 
 
+class _NotPlain(Exception):
+    """Raised inside ``_plain`` for anything it does not handle: ``_canonical`` decides instead."""
+
+
+_LEAVES = frozenset([str, bytes, bool, type(None)])
+
+
+def _plain(obj: Any, depth: int, budget: list[int], limits: Limits) -> Any:
+    """The fast path of ``_canonical`` for the common shapes; the same result, or ``_NotPlain``.
+
+    Handles only exact ``dict`` (``str`` keys), ``list``, ``str``, ``bytes``, ``bool``,
+    ``None`` and in-range ``int`` within the limits; everything else (subclasses,
+    tuples, bytearrays, floats, errors of any kind) goes to ``_canonical``, which
+    stays the reference.  Maps are sorted with ``sorted``: for valid Unicode, code
+    point order is UTF-8 byte order, and a key that does not encode fails in msgpack
+    as it does in ``_canonical``.  A container already in canonical form is returned
+    as it is, not copied (what ``decode`` re-encodes to check its input always is).
+    """
+    kind = type(obj)
+    if kind is dict:
+        if len(obj) > limits.max_container:
+            raise _NotPlain
+        budget[0] -= len(obj)
+        if budget[0] < 0 or (obj and depth >= limits.max_depth):
+            raise _NotPlain
+        keys = list(obj)
+        for key in keys:
+            if type(key) is not str:
+                raise _NotPlain
+        rewritten: dict[str, Any] | None = None
+        for key, value in obj.items():
+            kind = type(value)
+            if kind in _LEAVES:
+                continue
+            if kind is int:
+                if value < INT_MIN or value > UINT_MAX:
+                    raise _NotPlain
+                continue
+            item = _plain(value, depth + 1, budget, limits)
+            if item is not value:
+                if rewritten is None:
+                    rewritten = {}
+                rewritten[key] = item
+        ordered = sorted(keys)
+        if rewritten is None:
+            return obj if ordered == keys else {key: obj[key] for key in ordered}
+        return {key: rewritten[key] if key in rewritten else obj[key] for key in ordered}
+    if kind is list:
+        if len(obj) > limits.max_container:
+            raise _NotPlain
+        budget[0] -= len(obj)
+        if budget[0] < 0 or (obj and depth >= limits.max_depth):
+            raise _NotPlain
+        out = obj
+        for i, value in enumerate(obj):
+            kind = type(value)
+            if kind in _LEAVES:
+                continue
+            if kind is int:
+                if value < INT_MIN or value > UINT_MAX:
+                    raise _NotPlain
+                continue
+            item = _plain(value, depth + 1, budget, limits)
+            if item is not value:
+                if out is obj:
+                    out = list(obj)
+                out[i] = item
+        return out
+    if kind in _LEAVES:
+        return obj
+    if kind is int and INT_MIN <= obj <= UINT_MAX:
+        return obj
+    raise _NotPlain
+
+
 def encode(obj: Any, limits: Limits = DEFAULT_LIMITS) -> bytes:
     """Encode ``obj`` canonically.  Raises ``CodecError`` for unencodable values."""
-    data = msgpack.packb(_canonical(obj, 0, [limits.max_items], limits), use_bin_type=True)
+    try:
+        canonical = _plain(obj, 0, [limits.max_items], limits)
+    except _NotPlain:
+        canonical = _canonical(obj, 0, [limits.max_items], limits)
+    data = msgpack.packb(canonical, use_bin_type=True)
     if len(data) > limits.max_bytes:
         raise _reject("encoded object too large", ErrorCode.TOO_LARGE)
     return data

@@ -1,0 +1,265 @@
+"""The client's hot path: group commit of sends, order, durability, live dedupe, prekey writes.
+
+Concurrent sends of one client share store commits, yet every ciphertext leaves only
+once the ratchet state that produced it is on disk, and they leave in the order they
+were encrypted.  Received envelopes that a connection pushes after its backlog skip
+the dedupe read; a redelivered one is still recognised.  The prekey store is written
+when a prekey message was accepted.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import trio
+import trio.testing
+
+from clientsdk.client import GroupCommit, _new_message_id
+from clientsdk.connection import memory_connector
+from clientsdk.crypto.ratchet import RatchetMessage
+from clientsdk.crypto.session import Session, parse_message
+from clientsdk.errors import StoreCorrupted
+from clientsdk.store import Batch, Store
+from federation import codec
+from federation.transport import Transport
+from tests.sdk.conftest import DOMAIN, collect, pending_security_events
+from tests.sdk.test_delivery import LoseFirstAck
+
+ALICE = f"alice@{DOMAIN}"
+BOB = f"bob@{DOMAIN}"
+
+
+async def _pair(world):
+    return await world.register("alice"), await world.register("bob")
+
+
+async def _greet(alice, bob) -> None:
+    """A session confirmed both ways: later messages are normal ratchet messages."""
+    await alice.send(BOB, "hello")
+    await collect(bob, 1)
+    await bob.send(ALICE, "hi")
+    await collect(alice, 1)
+
+
+async def test_concurrent_sends_share_commits_and_arrive_in_encryption_order(world):
+    alice, bob = await _pair(world)
+    async with alice.connect(), bob.connect():
+        await _greet(alice, bob)
+        commits: list[int] = []
+        apply = alice._commits._apply
+
+        def counting(batch: Batch, now_ms: int) -> None:
+            commits.append(len(batch.messages))
+            apply(batch, now_ms)
+
+        alice._commits._apply = counting
+        async with trio.open_nursery() as nursery:
+            for i in range(16):
+                nursery.start_soon(alice.send, BOB, f"m{i:02d}")
+        got = await collect(bob, 16)
+    assert sum(commits) == 16 and len(commits) < 16          # one fsync for several sends
+    sent = [h.text for h in await alice.history(BOB) if h.outgoing and h.text.startswith("m")]
+    assert sorted(sent) == [f"m{i:02d}" for i in range(16)]
+    assert [m.text for m in got] == sent                     # the order the ratchet numbered them
+    assert [h.text for h in await bob.history(ALICE) if h.text.startswith("m")] == sent
+    assert not pending_security_events(bob)
+    await alice.aclose()
+    await bob.aclose()
+
+
+class CheckStoredBeforeSend(Transport):
+    """Before each ``send`` op leaves, reads the sender's store file: the ratchet must be past it."""
+
+    checked = 0
+
+    def __init__(self, inner: Transport, store_path, store_key: bytes, peer: str) -> None:
+        self.inner = inner
+        self.store_path = store_path
+        self.store_key = store_key
+        self.peer = peer
+
+    async def send(self, frame: bytes) -> None:
+        request = codec.decode(frame)
+        if request.get("op") == "send":
+            for payload in request["payloads"]:
+                if payload["devices"] == [self.peer]:
+                    message = RatchetMessage.from_bytes(parse_message(payload["ciphertext"]).body)
+                    store = Store.open(self.store_path, store_key=self.store_key)
+                    try:
+                        stored = store.load().sessions[self.peer]
+                    finally:
+                        store.close()
+                    ratchet = Session.from_bytes(codec.decode(stored)[0]).ratchet
+                    sent, _, previous = ratchet.counters
+                    # The stored chain is this message's (and counts it), or a later one (a reply
+                    # from the peer moved the ratchet on) whose previous chain counts it.
+                    if ratchet.ratchet_public_key == message.ratchet_key:
+                        assert sent > message.number, "a ciphertext left before its ratchet step was stored"
+                    else:
+                        assert previous > message.number, "a ciphertext left before its ratchet step was stored"
+                    CheckStoredBeforeSend.checked += 1
+        await self.inner.send(frame)
+
+    async def receive(self) -> bytes:
+        return await self.inner.receive()
+
+    async def aclose(self, code: int = 1000, reason: str = "") -> None:
+        await self.inner.aclose(code, reason)
+
+    @property
+    def close_code(self) -> int | None:
+        return self.inner.close_code
+
+
+async def test_every_ciphertext_leaves_after_its_ratchet_state_is_on_disk(world):
+    alice, bob = await _pair(world)
+    plain = memory_connector(world.network, DOMAIN)
+    async with bob.connect():
+        async with alice.connect():
+            await _greet(alice, bob)
+        peer = f"{BOB}/{bob.device_id}"
+        CheckStoredBeforeSend.checked = 0
+
+        async def checking(nursery: trio.Nursery) -> Transport:
+            return CheckStoredBeforeSend(await plain(nursery), world.path("alice"), b"alice".ljust(32, b"k"), peer)
+
+        async with alice.connect(checking):
+            async with trio.open_nursery() as nursery:
+                for i in range(12):
+                    nursery.start_soon(alice.send, BOB, f"m{i}")
+            got = await collect(bob, 12)
+        assert CheckStoredBeforeSend.checked >= 12          # the 12 sends (and any receipt)
+        assert sorted(m.text for m in got) == sorted(f"m{i}" for i in range(12))
+        # A restart from the store continues the chain: nothing is numbered twice.
+        restarted = await world.reopen("alice")
+        async with restarted.connect():
+            await restarted.send(BOB, "after a restart")
+            [after] = await collect(bob, 1)
+        assert after.text == "after a restart"
+        assert not pending_security_events(bob)
+    await restarted.aclose()
+    await alice.aclose()
+    await bob.aclose()
+
+
+async def test_live_envelope_whose_ack_was_lost_is_recognised_when_redelivered(world, autojump_clock):
+    LoseFirstAck.fired = False
+    alice, bob = await _pair(world)
+    plain = memory_connector(world.network, DOMAIN)
+
+    async def lossy(nursery: trio.Nursery) -> Transport:
+        return LoseFirstAck(await plain(nursery))
+
+    read: list[list[str]] = []
+    processed = bob._store.processed
+
+    def spying(keys):
+        keys = list(keys)
+        read.append(keys)
+        return processed(keys)
+
+    bob._store.processed = spying
+    async with alice.connect(), bob.connect(lossy):
+        await trio.sleep(1)                         # bob's (empty) backlog is done: what comes now is live
+        one_id = await alice.send(BOB, "one")
+        [first] = await collect(bob, 1)             # stored; then its ack is lost and the connection drops
+        await trio.sleep(1)
+        assert LoseFirstAck.fired
+        await alice.send(BOB, "two")
+        rest = await collect(bob, 1)                # after the reconnect: "one" again (skipped), then "two"
+        with trio.move_on_after(5):
+            extra = await collect(bob, 1)
+            raise AssertionError(f"delivered twice: {extra}")
+    assert [first.text] + [m.text for m in rest] == ["one", "two"]
+    assert [h.text for h in await bob.history(ALICE)] == ["one", "two"]
+    # "one" came live first (no read), then in the next connection's backlog (read: found processed)
+    assert sum(keys.count(f"{ALICE}/{alice.device_id}|{one_id}") for keys in read) == 1
+    assert not pending_security_events(bob)
+    await alice.aclose()
+    await bob.aclose()
+
+
+async def test_accepted_prekey_message_updates_the_stored_prekeys(world):
+    alice = await world.register("alice")
+    bob = await world.register("bob")
+    before = set(bob._prekeys.one_time)
+    async with alice.connect(), bob.connect():
+        await alice.send(BOB, "first: a prekey message")
+        await collect(bob, 1)
+        await alice.send(BOB, "second")
+        await collect(bob, 1)
+    used = before - set(bob._prekeys.one_time)
+    assert len(used) == 1
+    await bob.aclose()
+    reopened = await world.reopen("bob")
+    assert not used & set(reopened._prekeys.one_time)       # the used one-time key is gone on disk too
+    await reopened.aclose()
+    await alice.aclose()
+
+
+# --- GroupCommit on its own --------------------------------------------------------------
+
+
+async def test_group_commit_merges_what_queues_behind_a_running_commit():
+    gate = threading.Event()
+    written: list[list[str]] = []
+
+    def apply(batch: Batch, now_ms: int) -> None:
+        if not written:
+            gate.wait(10)
+        written.append(sorted(batch.processed))
+
+    commits = GroupCommit(apply, trio.CapacityLimiter(1))
+    async with trio.open_nursery() as nursery:
+        for key in ("k1", "k2", "k3", "k4"):
+            nursery.start_soon(commits.wait, commits.add(Batch(processed={key}), 1))
+            await trio.testing.wait_all_tasks_blocked()
+        gate.set()
+    assert written == [["k1"], ["k2", "k3", "k4"]]
+
+
+async def test_group_commit_failure_reaches_every_waiter_and_the_next_commit_works():
+    gate = threading.Event()
+    written: list[list[str]] = []
+
+    def apply(batch: Batch, now_ms: int) -> None:
+        if not written:
+            gate.wait(10)
+            written.append(sorted(batch.processed))
+            return
+        if "bad" in batch.processed:
+            raise StoreCorrupted("store file is unreadable (OperationalError)")
+        written.append(sorted(batch.processed))
+
+    commits = GroupCommit(apply, trio.CapacityLimiter(1))
+    failed: list[str] = []
+
+    async def waiter(key: str) -> None:
+        try:
+            await commits.wait(commits.add(Batch(processed={key}), 1))
+        except StoreCorrupted:
+            failed.append(key)
+
+    async with trio.open_nursery() as nursery:
+        for key in ("first", "bad", "shares-the-failure"):
+            nursery.start_soon(waiter, key)
+            await trio.testing.wait_all_tasks_blocked()
+        gate.set()
+    assert sorted(failed) == ["bad", "shares-the-failure"]
+    await commits.wait(commits.add(Batch(processed={"later"}), 2))
+    assert written == [["first"], ["later"]]
+
+
+async def test_a_cancelled_waiter_still_has_its_batch_written():
+    written: list[list[str]] = []
+    commits = GroupCommit(lambda batch, now: written.append(sorted(batch.processed)), trio.CapacityLimiter(1))
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await commits.wait(commits.add(Batch(processed={"k"}), 1))
+    assert written == [["k"]]
+
+
+def test_message_ids_are_random_hex_and_do_not_repeat_across_pool_refills():
+    ids = [_new_message_id() for _ in range(1500)]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 32 and int(i, 16) >= 0 and i == i.lower() for i in ids)
