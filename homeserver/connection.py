@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -19,8 +19,11 @@ from federation import codec
 from federation.errors import ErrorCode, ProtocolError, RequestRejected, SecureChatError
 from federation.frames import Push, Request, Response, encode_frame, parse_request, request_id_of
 from federation.transport import CLOSE_POLICY, CLOSE_PROTOCOL_ERROR, Transport, TransportClosed
+from homeserver.storage.models import Completion
 
 log = logging.getLogger("securechat.connection")
+T = TypeVar("T")
+
 
 @dataclass(frozen=True, slots=True)
 class Deferred:
@@ -29,15 +32,32 @@ class Deferred:
     The handler did its ordered part (e.g. queued its write) before returning;
     ``finish`` awaits the rest (the commit) while the connection reads the next
     request.  This pipelines one connection's sends without reordering them.
+
+    ``ready``/``now`` are the cheaper path, taken when given: ``ready(callback)``
+    returns True if it will call ``callback()`` on the trio thread once ``now()``
+    answers without waiting (the writer's wake-up answers, no task per request).
+    Exactly one of ``finish`` and ``now`` is called.
     """
 
     finish: Callable[[], Awaitable[dict[str, Any]]]
+    ready: Callable[[Callable[[], None]], bool] | None = None
+    now: Callable[[], dict[str, Any]] | None = None
+
+    @classmethod
+    def of(cls, completion: Completion[T], answer: Callable[[T], dict[str, Any]]) -> Deferred:
+        """The answer ``answer(result)`` once ``completion`` is committed."""
+        async def finish() -> dict[str, Any]:
+            return answer(await completion.result())
+
+        return cls(finish, completion.on_done, lambda: answer(completion.result_now()))
 
 
 OpHandler = Callable[["Session", dict[str, Any]], Awaitable["dict[str, Any] | Deferred"]]
 MAX_BAD_FRAMES = 20           # a peer that keeps sending garbage is disconnected
 MAX_DEFERRED = 64             # requests of one connection awaiting their commit at once
 OUTBOX_SIZE = 1024
+COALESCE_FRAMES = 64          # frames joined into one transport write, at most
+COALESCE_BYTES = 256 * 1024   # ... and about this many bytes
 
 
 class Unauthenticated(RequestRejected):
@@ -73,10 +93,14 @@ class Session:
 
     def push_nowait(self, push: Push) -> bool:
         """Queue a push if there is room; False if the connection is gone or saturated."""
+        return self.push_frame_nowait(encode_frame(push))
+
+    def push_frame_nowait(self, frame: bytes) -> bool:
+        """``push_nowait`` of an already encoded push frame."""
         if self.closing:
             return False
         try:
-            self.outbox.send_nowait(encode_frame(push))
+            self.outbox.send_nowait(frame)
         except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
             return False
         return True
@@ -85,7 +109,11 @@ class Session:
         """Queue a push, waiting for room (back-pressure from a slow reader)."""
         if self.closing:
             raise trio.ClosedResourceError("session closing")
-        await self.outbox.send(encode_frame(push))
+        frame = encode_frame(push)
+        try:
+            self.outbox.send_nowait(frame)      # no scheduling round trip when there is room
+        except trio.WouldBlock:
+            await self.outbox.send(frame)
 
     async def close(self, code: int, reason: str = "") -> None:
         """Close at once (revoked, replaced, protocol violation)."""
@@ -145,7 +173,9 @@ class Dispatcher:
                 self._end()
                 raise
             if isinstance(answer, Deferred):
-                return Deferred(lambda: self._finish(answer))
+                now = answer.now
+                return Deferred(lambda: self._finish(answer), answer.ready,
+                                None if now is None else lambda: self._finish_now(now))
             self._end()
             return Response(request.id, ok=answer)
         except SecureChatError as exc:
@@ -154,6 +184,12 @@ class Dispatcher:
     async def _finish(self, deferred: Deferred) -> dict[str, Any]:
         try:
             return await deferred.finish()
+        finally:
+            self._end()
+
+    def _finish_now(self, now: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        try:
+            return now()
         finally:
             self._end()
 
@@ -181,9 +217,23 @@ async def serve_connection(transport: Transport, dispatcher: Dispatcher,
 
 async def _writer(session: Session, outbox: trio.MemoryReceiveChannel[bytes],
                   done: trio.CancelScope) -> None:
+    """Write queued frames in order; frames already waiting go out in one transport write."""
+    transport = session.transport
     try:
         async for frame in outbox:
-            await session.transport.send(frame)
+            frames = [frame]
+            size = len(frame)
+            while len(frames) < COALESCE_FRAMES and size < COALESCE_BYTES:
+                try:
+                    frame = outbox.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+                frames.append(frame)
+                size += len(frame)
+            if len(frames) == 1:
+                await transport.send(frames[0])
+            else:
+                await transport.send_many(frames)
         if session.close_code is not None:
             await session.transport.aclose(*session.close_code)
     except (TransportClosed, trio.ClosedResourceError, trio.BrokenResourceError):
@@ -223,12 +273,43 @@ async def _reader(session: Session, dispatcher: Dispatcher, limits: codec.Limits
             log.exception("handler for op %s failed", request.op)
             response = Response.failure(request.id, SecureChatError("internal error"))
         if isinstance(response, Deferred):
-            await deferred_slots.acquire()
+            try:
+                deferred_slots.acquire_nowait()
+            except trio.WouldBlock:
+                await deferred_slots.acquire()
             if session.nursery is None:
                 raise RuntimeError("session has no nursery")
+            if response.ready is not None and response.now is not None \
+                    and response.ready(_answer_later(session, request, response.now, deferred_slots)):
+                continue
             session.nursery.start_soon(_complete, session, request, response, deferred_slots)
             continue
         await _respond(session, response)
+
+
+def _answer_later(session: Session, request: Request, now: Callable[[], dict[str, Any]],
+                  slots: trio.Semaphore) -> Callable[[], None]:
+    """The callback that answers a ``Deferred`` on its fast path (see ``Deferred``)."""
+    def answer() -> None:
+        try:
+            try:
+                response = Response(request.id, ok=now())
+            except SecureChatError as exc:
+                response = Response.failure(request.id, exc)
+            except Exception:
+                log.exception("handler for op %s failed", request.op)
+                response = Response.failure(request.id, SecureChatError("internal error"))
+            frame = encode_frame(response)
+            try:
+                session.outbox.send_nowait(frame)
+            except trio.WouldBlock:          # a full outbox: wait for room in a task
+                if session.nursery is not None:
+                    session.nursery.start_soon(_send_frame, session, frame)
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                pass
+        finally:
+            slots.release()
+    return answer
 
 
 async def _complete(session: Session, request: Request, deferred: Deferred,
@@ -247,7 +328,16 @@ async def _complete(session: Session, request: Request, deferred: Deferred,
 
 
 async def _respond(session: Session, response: Response) -> None:
+    await _send_frame(session, encode_frame(response))
+
+
+async def _send_frame(session: Session, frame: bytes) -> None:
     try:
-        await session.outbox.send(encode_frame(response))
+        session.outbox.send_nowait(frame)       # no scheduling round trip when there is room
+    except trio.WouldBlock:
+        try:
+            await session.outbox.send(frame)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
     except (trio.ClosedResourceError, trio.BrokenResourceError):
         pass

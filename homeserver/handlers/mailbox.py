@@ -14,6 +14,7 @@ deleted only when the device acks it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import heapq
 import logging
@@ -27,7 +28,7 @@ import trio
 from federation import codec
 from federation.addresses import DeviceAddress, UserAddress
 from federation.errors import ErrorCode, ProtocolError, RequestRejected, SecureChatError
-from federation.frames import Push, PushKind
+from federation.frames import Push, PushKind, encode_frame
 from federation.outbound import draft
 from federation.s2s import EnvelopeClass, EnvelopeKind
 from federation.validate import field, require_map
@@ -49,6 +50,10 @@ MAX_MESSAGE_ID = 128
 MAX_ACK_BATCH = 1_000
 BACKLOG_PAGE = 500
 MAX_BUFFERED = 10_000          # live entries held for one slow device before falling back to storage
+
+# Every send names the same few addresses again and again: parse each once (the
+# values are immutable; an invalid address is not cached and raises every time).
+_device_address = functools.lru_cache(maxsize=16_384)(DeviceAddress.parse)
 
 
 class StaleDevices(RequestRejected):
@@ -109,8 +114,18 @@ class DeviceDelivery:
         self._wake = trio.Event()
         self._resync = True
         self._backlog_reported = False
+        self._idle = False          # the task waits with nothing pending: ``offer`` may push itself
 
     def offer(self, entry: MailboxEntry) -> None:
+        if entry.seq <= self.last_pushed:
+            return                             # already pushed (seen through storage)
+        if self._idle:
+            # Everything before this entry is pushed: push it now (in the writer's
+            # commit order) instead of waking the task for it.
+            if self.session.push_frame_nowait(encode_frame(envelope_push(entry))):
+                self.last_pushed = entry.seq
+                return
+            self._idle = False                 # the task takes over, in seq order
         if len(self._heap) >= MAX_BUFFERED:
             self._heap.clear()
             self._resync = True               # too far behind: read the rest from storage
@@ -139,7 +154,11 @@ class DeviceDelivery:
                     self.last_pushed = seq
             if not self._heap and not self._resync:
                 self._wake = trio.Event()
-                await self._wake.wait()
+                self._idle = True
+                try:
+                    await self._wake.wait()
+                finally:
+                    self._idle = False
 
     async def _drain_storage(self) -> None:
         while True:
@@ -205,7 +224,7 @@ class MailboxHandler:
             for text in devices:
                 if not isinstance(text, str):
                     raise ProtocolError("device addresses must be strings")
-                address = str(DeviceAddress.parse(text))
+                address = str(_device_address(text))
                 if address in seen:
                     raise ProtocolError("a device appears twice in one send")
                 seen.add(address)
@@ -215,14 +234,21 @@ class MailboxHandler:
 
     async def _check_coverage(self, session: Session, payloads: list[tuple[list[str], bytes]],
                               repair: bool = False) -> None:
-        by_user: dict[str, set[str]] = defaultdict(set)
+        by_user: dict[str, set[str]] = {}
+        remote_users: set[str] = set()
         for devices, _ in payloads:
             for text in devices:
-                address = DeviceAddress.parse(text)
-                if address.domain != self.config.domain and self.remote is None:
-                    raise RequestRejected(f"{address.domain} is not served here (federation is not enabled)",
-                                          code=ErrorCode.UNKNOWN_DOMAIN)
-                by_user[str(address.user)].add(address.device_id)
+                address = _device_address(text)
+                user = text.partition("/")[0]        # == str(address.user): ``text`` parsed
+                given_of_user = by_user.get(user)
+                if given_of_user is None:
+                    given_of_user = by_user[user] = set()
+                    if address.domain != self.config.domain:
+                        if self.remote is None:
+                            raise RequestRejected(f"{address.domain} is not served here "
+                                                  "(federation is not enabled)", code=ErrorCode.UNKNOWN_DOMAIN)
+                        remote_users.add(user)
+                given_of_user.add(address.device_id)
         # The sender's own user is always a recipient: every send also reaches
         # the sender's other devices, so they stay in sync (DESIGN §4 multi-device).
         # A repair (after a delivery report) only adds devices a send missed.
@@ -238,7 +264,7 @@ class MailboxHandler:
                                   code=ErrorCode.FORBIDDEN)
         stale: dict[str, dict[str, list[str]]] = {}
         for user, given in by_user.items():
-            if UserAddress.parse(user).domain != self.config.domain:
+            if user in remote_users:
                 assert self.remote is not None
                 current = await self.remote.current_devices(user)
                 missing = [] if repair else sorted(current - given)
@@ -246,10 +272,10 @@ class MailboxHandler:
                 if missing or extra:
                     stale[user] = {"missing": missing, "extra": extra, "revoked": []}
                 continue
-            devices = await self.directory.devices_of(user)
+            own = user == session.user
+            devices = own_devices if own else await self.directory.devices_of(user)
             if not devices:
                 raise RequestRejected(f"no such user {user}", code=ErrorCode.NOT_FOUND)
-            own = user == session.user
             required = {i for i, d in devices.items() if d.state is DeviceState.ACTIVE}
             allowed = set(required)
             if own:
@@ -304,14 +330,13 @@ class MailboxHandler:
                                                     self.config.mailbox_ttl_ms,
                                                     on_commit=self.on_delivered, outbound=outbound)
 
-        async def committed() -> dict[str, Any]:
-            result = await queued.result()
+        def committed(result: DeliverResult) -> dict[str, Any]:
             if result.status == "conflict":
                 raise RequestRejected("message_id was already used with different content",
                                       code=ErrorCode.CONFLICT)
             return {"message_id": message_id, "duplicate": result.status == "duplicate"}
 
-        return Deferred(committed)
+        return Deferred.of(queued, committed)
 
     def on_delivered(self, result: DeliverResult) -> None:
         """Committed mailbox entries: push them to connected devices; queued envelopes: send them."""
@@ -327,7 +352,7 @@ class MailboxHandler:
         for devices, ciphertext in payloads:
             by_domain: dict[str, list[str]] = defaultdict(list)
             for device in devices:
-                by_domain[DeviceAddress.parse(device).domain].append(device)
+                by_domain[_device_address(device).domain].append(device)
             for domain, group in by_domain.items():
                 (local if domain == self.config.domain else remote[domain]).append((group, ciphertext))
         return local, dict(remote)
@@ -416,8 +441,4 @@ class MailboxHandler:
         if not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in seqs):
             raise ProtocolError("seqs must be positive integers")
         queued = await self.mailboxes.queue_ack(session.device, seqs)
-
-        async def committed() -> dict[str, Any]:
-            return {"removed": await queued.result()}
-
-        return Deferred(committed)
+        return Deferred.of(queued, lambda removed: {"removed": removed})

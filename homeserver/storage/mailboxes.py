@@ -165,6 +165,16 @@ class _AckGroup:
         self.items: list[tuple[str, list[int]]] = []
         self.queued = trio.Event()
         self.completion: Completion[list[int]] | None = None
+        self.waiting: list[Callable[[], None]] = []     # ``on_done`` callers before it was queued
+
+    def set_queued(self) -> None:
+        self.queued.set()
+        waiting, self.waiting = self.waiting, []
+        for callback in waiting:
+            if self.completion is None:
+                callback()                   # never queued: ``result_now`` raises at once
+            else:
+                self.completion.on_done(callback)     # a ``Database.queue`` completion: supported
 
 
 class _AckSlot(Completion[int]):
@@ -177,6 +187,21 @@ class _AckSlot(Completion[int]):
         if self._group.completion is None:
             raise RuntimeError("ack group was never queued")
         return (await self._group.completion.result())[self._index]
+
+    def on_done(self, callback: Callable[[], None]) -> bool:
+        group = self._group
+        if not group.queued.is_set():
+            group.waiting.append(callback)
+            return True
+        if group.completion is None:
+            callback()
+            return True
+        return group.completion.on_done(callback)
+
+    def result_now(self) -> int:
+        if self._group.completion is None:
+            raise RuntimeError("ack group was never queued")
+        return self._group.completion.result_now()[self._index]
 
 
 class MailboxRepository:
@@ -217,7 +242,7 @@ class MailboxRepository:
         check_drafts(drafts, now_ms)
         return await self._db.queue(
             lambda conn: _deliver(conn, sender, message_id, digest, payloads, now_ms, ttl_ms, drafts),
-            on_commit)
+            on_commit, quick=True)
 
     async def pending(self, device: str, after_seq: int, limit: int) -> list[MailboxEntry]:
         """Up to ``limit`` entries of ``device`` after ``after_seq``, oldest first."""
@@ -238,14 +263,14 @@ class MailboxRepository:
             index = len(group.items) - 1
         if new:
             try:
-                group.completion = await self._db.queue(lambda conn: self._apply_acks(conn, group))
+                group.completion = await self._db.queue(lambda conn: self._apply_acks(conn, group), quick=True)
             except BaseException:
                 with self._ack_lock:
                     if self._open_acks is group:
                         self._open_acks = None
                 raise
             finally:
-                group.queued.set()
+                group.set_queued()
         return _AckSlot(group, index)
 
     def _apply_acks(self, conn: Connection, group: _AckGroup) -> list[int]:

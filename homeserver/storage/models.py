@@ -281,6 +281,18 @@ class Completion(Generic[T_co]):
     async def result(self) -> T_co:
         raise NotImplementedError
 
+    def on_done(self, callback: Callable[[], None]) -> bool:
+        """Call ``callback()`` on the trio thread once ``result_now`` can answer.
+
+        Lets a connection answer from the writer's wake-up instead of a task per
+        request.  False (this default) if unsupported: await ``result`` instead.
+        """
+        return False
+
+    def result_now(self) -> T_co:
+        """What ``result`` returns or raises; only once ``on_done`` called back."""
+        raise NotImplementedError
+
 
 class Done(Completion[T_co]):
     """A completion whose result is already known (in-memory storage)."""
@@ -290,6 +302,13 @@ class Done(Completion[T_co]):
 
     async def result(self) -> T_co:
         await trio.lowlevel.checkpoint()
+        return self._value
+
+    def on_done(self, callback: Callable[[], None]) -> bool:
+        callback()
+        return True
+
+    def result_now(self) -> T_co:
         return self._value
 
 
