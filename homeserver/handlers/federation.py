@@ -427,8 +427,7 @@ class RemoteKeys:
         async with self._fetch_locks.setdefault(user, trio.Lock()):
             cached = await self.store.get_remote_device_list(user)
             fresh = cached is not None and self.clock() - cached.fetched_ms < REMOTE_LIST_REFRESH_MS
-            if fresh and not force:
-                assert cached is not None
+            if cached is not None and fresh and not force:
                 return cached
             domain = UserAddress.parse(user).domain
             result = await self._request(domain, "get_device_list", {"user": user})
@@ -522,6 +521,16 @@ class RemoteKeys:
             raise s2s.StaleTransaction("this request was already answered")
         self._seen_requests[(origin, request_id)] = now + REQUEST_REPLAY_WINDOW_S
 
+    def _local_lists(self) -> Callable[[str], Awaitable[dict[str, Any]]]:
+        if self.local_device_list is None:
+            raise RuntimeError("RemoteKeys.local_device_list is not wired (composition root)")
+        return self.local_device_list
+
+    def _local_claims(self) -> Callable[[str, list[str]], Awaitable[dict[str, Any]]]:
+        if self.local_claim is None:
+            raise RuntimeError("RemoteKeys.local_claim is not wired (composition root)")
+        return self.local_claim
+
     def _local_user(self, text: Any) -> str:
         if not isinstance(text, str):
             raise ProtocolError("user must be an address")
@@ -534,18 +543,16 @@ class RemoteKeys:
         args = request.args
         if request.op == "get_device_list":
             user = self._local_user(args.get("user"))
-            assert self.local_device_list is not None
-            answer = await self.local_device_list(user)
+            answer = await self._local_lists()(user)
             await self.store.subscribe(user, request.origin, self.clock())
             return answer
         if request.op == "get_device_lists":
             users = field(args, "users", list, max_length=1000)
             lists = []
-            assert self.local_device_list is not None
             for text in users:
                 user = self._local_user(text)
                 try:
-                    lists.append(await self.local_device_list(user))
+                    lists.append(await self._local_lists()(user))
                 except RequestRejected:
                     continue
                 await self.store.subscribe(user, request.origin, self.clock())
@@ -555,8 +562,7 @@ class RemoteKeys:
             wanted = args.get("device_ids")
             if wanted is not None and (not isinstance(wanted, list) or not all(isinstance(x, str) for x in wanted)):
                 raise ProtocolError("device_ids must be a list of device ids")
-            assert self.local_claim is not None
-            return await self.local_claim(user, wanted)
+            return await self._local_claims()(user, wanted)
         raise ProtocolError(f"unknown request op {request.op!r:.40}")
 
     # -- device-list changes across domains -------------------------------------------
@@ -597,10 +603,9 @@ class RemoteKeys:
             if not self.config.federation.permits(domain) or (queue is not None and queue.depth() > 0):
                 continue        # a peer that has not taken our last traffic gets no pile of digests
             digests: dict[str, list[Any]] = {}
-            assert self.local_device_list is not None
             for user in users:
                 try:
-                    answer = await self.local_device_list(user)
+                    answer = await self._local_lists()(user)
                 except RequestRejected:
                     continue
                 body = answer["device_list"]["body"]

@@ -45,6 +45,12 @@ class KeysHandler:
         self.clock = clock
         self.remote: RemoteKeys | None = None      # set by the composition root when federation is on
 
+    def _remote(self) -> RemoteKeys:
+        """Remote keys; only reached for a remote user, which ``_user`` refuses without federation."""
+        if self.remote is None:
+            raise RequestRejected("federation is not enabled", code=ErrorCode.UNKNOWN_DOMAIN)
+        return self.remote
+
     def _user(self, text: str) -> tuple[str, bool]:
         """(normalised user address, whether it is served here); remote ones need federation."""
         user = UserAddress.parse(text)
@@ -128,8 +134,7 @@ class KeysHandler:
         if local:
             answer = await self.local_device_list(user)
         else:
-            assert self.remote is not None
-            entry = await self.remote.device_list(user)
+            entry = await self._remote().device_list(user)
             answer = {"user": user, "master_key": entry.master_key, "version": entry.version,
                       "device_list": SignedDeviceList(entry.body, entry.sig).to_wire()}
         self.directory.watch(user, session.device)
@@ -181,10 +186,9 @@ class KeysHandler:
                 raise ProtocolError("device_ids must be a list of strings")
             wanted_raw = sorted({check_device_id(x) for x in wanted_raw})
         if not local:
-            assert self.remote is not None
             self.limiter.take("claim", session.device, self.config.limits.claims_per_device,
                               cost=max(1, len(wanted_raw or ())))
-            return await self.remote.claim(user, wanted_raw)
+            return await self._remote().claim(user, wanted_raw)
         return await self.claim_for(user, wanted_raw, requester=session)
 
     async def claim_for(self, user: str, wanted_ids: list[str] | None,

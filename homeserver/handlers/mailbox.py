@@ -265,8 +265,7 @@ class MailboxHandler:
         stale: dict[str, dict[str, list[str]]] = {}
         for user, given in by_user.items():
             if user in remote_users:
-                assert self.remote is not None
-                current = await self.remote.current_devices(user)
+                current = await self._remote().current_devices(user)
                 missing = [] if repair else sorted(current - given)
                 extra = sorted(given - current)
                 if missing or extra:
@@ -337,6 +336,12 @@ class MailboxHandler:
             return {"message_id": message_id, "duplicate": result.status == "duplicate"}
 
         return Deferred.of(queued, committed)
+
+    def _remote(self) -> RemoteKeys:
+        """Remote keys; only reached for a remote device, which coverage refuses without federation."""
+        if self.remote is None:
+            raise RequestRejected("federation is not enabled", code=ErrorCode.UNKNOWN_DOMAIN)
+        return self.remote
 
     def on_delivered(self, result: DeliverResult) -> None:
         """Committed mailbox entries: push them to connected devices; queued envelopes: send them."""

@@ -384,10 +384,9 @@ def _receive(conn: Connection, origin: str, txn_id: bytes, envelopes: Sequence[E
                 continue
             plan = plans.get(env.id) if in_order and plans and arrived is not None else None
             in_order = plan is not None
-            if plan is not None:
+            if plan is not None and deliver is not None:     # in_order implies deliver
                 # Released in the write that received it: straight into the mailboxes, so the
                 # message is durable and deliverable after one commit, not two.
-                assert deliver is not None
                 delivered.append((env, deliver(conn, plan.sender, plan.message_id, plan.digest, plan.payloads,
                                                now_ms, plan.ttl_ms)))
                 continue
