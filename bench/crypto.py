@@ -28,8 +28,6 @@ import gc
 import hashlib
 import io
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -38,14 +36,13 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-# Run as a script, Python puts bench/ first on sys.path, where bench/federation.py
-# would shadow the federation package: the repository root goes first instead.
-_BENCH = str(Path(__file__).resolve().parent)
-sys.path[:] = [p for p in sys.path if p and str(Path(p).resolve()) != _BENCH]
+# Run as a script, bench/ is first on sys.path and bench/federation.py would shadow the
+# federation package: the repository root goes before it.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from bench._machine import MachineRecord  # noqa: E402
 from clientsdk.crypto import pqxdh, primitives, ratchet
 from clientsdk.crypto.attachments import decrypt_stream, encrypt_stream
 from clientsdk.crypto.identity import DeviceIdentity, PrekeyStore
@@ -287,8 +284,7 @@ def paired_ratio(measured: list[float], baseline: list[float]) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    loadavg_start = os.getloadavg()
-    started = time.monotonic()
+    machine = MachineRecord()
     plaintext = hashlib.shake_256(b"bench/plaintext").digest(args.payload)
     ad = pqxdh.associated_data(bytes(range(32)), bytes(range(32, 64)), ALICE, BOB)   # a real AD's size
     try:
@@ -367,12 +363,7 @@ def main(argv: list[str] | None = None) -> int:
             "attachment_ratio_paired": attachment_paired,
             "ratchet_state_bytes": state_bytes,
         },
-        "machine": {
-            "cpus": os.cpu_count(), "python": platform.python_version(),
-            "loadavg_start": [round(x, 2) for x in loadavg_start],
-            "loadavg_end": [round(x, 2) for x in os.getloadavg()],
-            "wall_s": round(time.monotonic() - started, 1),
-        },
+        "machine": machine.fields(),
     }
     print(json.dumps(result, indent=2))
     return 0

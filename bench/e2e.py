@@ -25,7 +25,6 @@ import argparse
 import cProfile
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -35,13 +34,12 @@ from typing import Any
 import trio
 
 REPO = Path(__file__).resolve().parent.parent
-# Run as a script, Python puts bench/ first on sys.path, where bench/federation.py
-# would shadow the federation package: the repository root goes first instead.
-_BENCH = str(Path(__file__).resolve().parent)
-sys.path[:] = [p for p in sys.path if p and str(Path(p).resolve()) != _BENCH]
+# Run as a script, bench/ is first on sys.path and bench/federation.py would shadow the
+# federation package: the repository root goes before it.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._e2e_load import E2ERun, Fleet, Pair, group_fanout
+from bench._machine import MachineRecord  # noqa: E402
 from bench._load import BenchError, PhaseStats, check_frames_canonical
 from bench.relay import (
     CpuMeter,
@@ -189,8 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     profile_dir = Path(profile_env).resolve() if profile_env else None
     if profile_dir is not None:
         profile_dir.mkdir(parents=True, exist_ok=True)
-    loadavg_start = os.getloadavg()
-    started = time.monotonic()
+    machine = MachineRecord()
     relay_args = argparse.Namespace(pairs=args.pairs, messages=args.messages, window=args.window,
                                     payload=args.payload, seed=args.seed, open_loop_seconds=args.open_loop_seconds)
     try:
@@ -226,13 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             "clients": e2e["clients"], "server_rss_mb": e2e["server_rss_mb"],
         },
         "relay": {**relay["closed_loop"], "server_rss_mb": relay["server_rss_mb"]},
-        "machine": {
-            "cpus": os.cpu_count(), "python": platform.python_version(),
-            "loadavg_start": [round(x, 2) for x in loadavg_start],
-            "loadavg_end": [round(x, 2) for x in os.getloadavg()],
-            "wall_s": round(time.monotonic() - started, 1),
-            "profile_dir": str(profile_dir) if profile_dir else None,
-        },
+        "machine": machine.fields(profile_dir=str(profile_dir) if profile_dir else None),
     }
     print(json.dumps(result, indent=2))
     return 0

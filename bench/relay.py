@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import signal
 import subprocess
@@ -34,12 +33,11 @@ from typing import Any
 import trio
 
 REPO = Path(__file__).resolve().parent.parent
-# Run as a script, Python puts bench/ first on sys.path, where bench/federation.py
-# would shadow the federation package: the repository root goes first instead.
-_BENCH = str(Path(__file__).resolve().parent)
-sys.path[:] = [p for p in sys.path if p and str(Path(p).resolve()) != _BENCH]
+# Run as a script, bench/ is first on sys.path and bench/federation.py would shadow the
+# federation package: the repository root goes before it.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench._machine import MachineRecord  # noqa: E402
 from bench._load import (  # noqa: E402
     BenchError,
     PhaseStats,
@@ -290,8 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     profile_dir = Path(profile_env).resolve() if profile_env else None
     if profile_dir is not None:
         profile_dir.mkdir(parents=True, exist_ok=True)
-    loadavg_start = os.getloadavg()
-    started = time.monotonic()
+    machine = MachineRecord()
     try:
         with tempfile.TemporaryDirectory(prefix="securechat-bench-", dir=args.data_dir) as tmp:
             workdir = Path(tmp)
@@ -334,13 +331,7 @@ def main(argv: list[str] | None = None) -> int:
             "null_relay": {**null["closed_loop"], "server_rss_mb": null["server_rss_mb"]},
             "relay": {**relay["closed_loop"], "server_rss_mb": relay["server_rss_mb"]},
         },
-        "machine": {
-            "cpus": os.cpu_count(), "python": platform.python_version(),
-            "loadavg_start": [round(x, 2) for x in loadavg_start],
-            "loadavg_end": [round(x, 2) for x in os.getloadavg()],
-            "wall_s": round(time.monotonic() - started, 1),
-            "profile_dir": str(profile_dir) if profile_dir else None,
-        },
+        "machine": machine.fields(profile_dir=str(profile_dir) if profile_dir else None),
     }
     print(json.dumps(result, indent=2))
     return 0
