@@ -21,7 +21,8 @@ from homeserver.storage.db import DEFAULT_URL, Database, WriteFailed, create_sto
 from homeserver.storage.devices import DeviceRepository
 from homeserver.storage.federation import FederationRepository
 from homeserver.storage.mailboxes import MailboxRepository, deliver_in_transaction
-from homeserver.storage.memory import MemoryFederation, MemoryStorage
+from homeserver.storage.memory import MemoryStorage
+from homeserver.storage.memory_federation import MemoryFederation
 from homeserver.storage.models import (
     CLAIMED_PREKEY_TTL_MS,
     MAILBOX_TTL_MS,

@@ -18,7 +18,7 @@ import trio
 from sqlalchemy import Connection, bindparam, delete, exists, func, insert, select
 
 from homeserver.storage.db import Database, Prepared
-from homeserver.storage.federation import check_drafts, insert_outbound
+from homeserver.storage.federation_outbound import check_drafts, insert_outbound
 from homeserver.storage.models import Completion, DeliverResult, MailboxEntry, OutboundDraft
 from homeserver.storage.schema import blobs, claimed_prekeys, invites, mailbox, message_ids
 
