@@ -28,7 +28,7 @@ from homeserver.storage.models import AccountStore, DeviceState, DeviceStore, Ma
 from homeserver.transport_codes import CLOSE_REVOKED
 
 if TYPE_CHECKING:
-    from homeserver.handlers.federation import RemoteKeys
+    from homeserver.handlers.remote_keys import RemoteKeys
 
 log = logging.getLogger("securechat.keys")
 

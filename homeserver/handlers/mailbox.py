@@ -43,7 +43,8 @@ from homeserver.storage.models import (
 
 if TYPE_CHECKING:
     from federation.s2s import Envelope
-    from homeserver.handlers.federation import OutboundSender, RemoteKeys
+    from homeserver.handlers.federation_outbound import OutboundSender
+    from homeserver.handlers.remote_keys import RemoteKeys
 
 log = logging.getLogger("securechat.mailbox")
 MAX_MESSAGE_ID = 128
