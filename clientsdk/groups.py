@@ -25,15 +25,9 @@ Why it is shaped this way (DESIGN §4 "Groups", LESSONS #1):
 
 Healing (LESSONS #1, #8, #9):
 
-* **Key re-request.**  A shared message under a key id I do not hold is *held*
-  (persisted, bounded) and its sender device is asked, over our pairwise session,
-  for its chain (``sender_key_request``, at most once a minute per group and device,
-  at most ``MAX_REQUESTS`` unanswered).  The sender answers only a listed device of a
-  current member, with its chain from the held message's iteration on — never from
-  before the iteration that device was first given (``LocalGroup.anchor``/``given``).
-  Held messages that still fail, or wait longer than ``HOLD_MS``, become ONE
-  ``SecurityEvent("decryption_failed")`` per sender device plus a notice in the
-  group's history: never a silent loss.
+* **Key re-request.**  A shared message under a key id I do not hold is held and its
+  sender device asked for its chain; what still fails becomes ONE visible event per
+  sender device, never a silent loss (``clientsdk.group_healing``).
 * **Rotation when a holder leaves.**  If a device that holds my chain is no longer a
   current device of a member (revoked, or its user removed), my next send uses a new
   chain, handed only to current devices.  Devices that do not hold my chain (a newly
@@ -53,71 +47,62 @@ Pairwise group bundle (inside the usual content map, ``type = "group"``, field
 [, controls: [bin]] [, distribution: bin] [, message: bin]}``, processed in that
 order.  Group message body (what the sender key encrypts): ``canonical {v: 1, id,
 text, sent_ms}``.
+
+Modules: this one is the public API, sending, the outbox and the backlog wait;
+``clientsdk.group_receive`` takes bundles and sender-key messages in,
+``clientsdk.group_healing`` holds what cannot be read yet and asks for keys,
+``clientsdk.group_store`` loads and stores group state; ``GroupsMixin`` combines them.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from clientsdk.content import SENDER_KEY_REQUEST, Content
-from clientsdk.crypto.backup import BackupGroup
-from clientsdk.crypto.errors import CryptoError, MalformedMessage
+from clientsdk.content import Content
+from clientsdk.crypto.errors import CryptoError
 from clientsdk.crypto.group_session import GroupSession
-from clientsdk.crypto.group_state import (
-    ChangeOp,
-    GroupReplica,
-    GroupState,
-    NotMember,
-    SignedChange,
-)
+from clientsdk.crypto.group_state import ChangeOp, GroupReplica, GroupState, NotMember, SignedChange
 from clientsdk.crypto.identity import DeviceIdentity, VerifiedDeviceList
 from clientsdk.crypto.primitives import system_rng
-from clientsdk.crypto.sender_keys import GroupMessage, GroupPlaintext, UnknownSenderKey
 from clientsdk.devicelists import ContactBook
 from clientsdk.errors import SdkError, SendFailed
-from clientsdk.events import Event, SecurityEvent
+from clientsdk.events import Event
+from clientsdk.group_healing import GroupHealingMixin
+from clientsdk.group_receive import GroupReceiveMixin
 from clientsdk.group_records import (
     GROUP_CONTENT,
-    HOLDS_KV,
     GroupBundle,
     GroupChanged,
     GroupError,
     GroupMessageReceived,
-    Held,
-    KeyRecovery,
-    KeyRequest,
     LocalGroup,
     OutboxItem,
     UnknownGroup,
     changed_event,
     conversation_of,
-    decode_body,
-    describe,
     encode_body,
     is_group_message,
     parse_group_id,
-    replica_for,
 )
+from clientsdk.group_store import GroupStoreMixin
 from clientsdk.sessions import SessionBook
 from clientsdk.store import Batch, HistoryEntry, Store
 from federation import codec
 from federation.addresses import DeviceAddress, UserAddress
-from federation.errors import CodecError, ErrorCode, ProtocolError
+from federation.errors import ErrorCode, ProtocolError
 from federation.rpc import RemoteError, RpcClient
 from federation.transport import TransportClosed
-from federation.validate import require_map
 
 __all__ = ["GROUP_CONTENT", "GroupBundle", "GroupChanged", "GroupError", "GroupMessageReceived", "GroupsMixin",
            "LocalGroup", "UnknownGroup", "is_group_message", "parse_group_id"]
 
 log = logging.getLogger(__name__)
 
-KV_PREFIX = "group:"
 MAX_STALE_RETRIES = 4
 BACKLOG_WAIT_S = 10.0            # a server that never sends backlog_done delays group sends this long, once
 _RECOVERABLE = (SdkError, RemoteError, CryptoError, ProtocolError)
@@ -136,8 +121,12 @@ async def _first_of(*events: trio.Event) -> None:
 # --- the mixin ----------------------------------------------------------------------------------
 
 
-class GroupsMixin:
-    """Group API of ``Client``; state lives in ``self._groups`` (loaded lazily from the store)."""
+class GroupsMixin(GroupReceiveMixin, GroupHealingMixin, GroupStoreMixin):
+    """Group API of ``Client``; state lives in ``self._groups`` (loaded lazily from the store).
+
+    Receiving, healing and the store rows come from the mixins it combines, so
+    ``Client`` names only this class.
+    """
 
     user: str
     address: DeviceAddress
@@ -150,8 +139,6 @@ class GroupsMixin:
     _clock: Callable[[], int]
     _rpc: RpcClient | None
 
-    _groups: dict[bytes, LocalGroup] | None = None
-    _recovery: KeyRecovery | None = None
     _group_send_lock: trio.Lock | None = None
     _group_work: trio.Event | None = None
     _backlog_for: RpcClient | None = None            # the connection whose backlog_done was processed
@@ -178,9 +165,6 @@ class GroupsMixin:
         async def _until_replaced(self, rpc: RpcClient) -> None: ...
 
         def _content_for(self, template: Content, user: str, recipients: list[str]) -> bytes: ...
-
-        def _send_content(self, recipients: list[str], template: Content, *, ephemeral: bool = False,
-                          history: HistoryEntry | None = None) -> Awaitable[None]: ...
 
     # --- public API ---------------------------------------------------------------------------
 
@@ -326,6 +310,11 @@ class GroupsMixin:
         if outbound is not None:
             group.session.outbound = outbound.rotate(group.session.state.epoch, system_rng)
             log.info("sender key rotated: a device holding it left its user's device list")
+
+    @staticmethod
+    def _chain_is_current(group: LocalGroup) -> bool:
+        key, state = group.session.outbound, group.session.state
+        return key is not None and state.key_epoch <= key.epoch <= state.epoch and group.sent_key == key.key_id
 
     # --- changes and the outbox -----------------------------------------------------------------
 
@@ -494,462 +483,3 @@ class GroupsMixin:
                     self._group_batch(gid, batch)
             await self._persist(batch)
         self._wake_group_sends()
-
-    # --- state and store ------------------------------------------------------------------------
-
-    def _resolve(self, device: DeviceAddress) -> bytes | None:
-        return self._book.listed_key(str(device))
-
-    @staticmethod
-    def _chain_is_current(group: LocalGroup) -> bool:
-        key, state = group.session.outbound, group.session.state
-        return key is not None and state.key_epoch <= key.epoch <= state.epoch and group.sent_key == key.key_id
-
-    async def _loaded_groups(self) -> dict[bytes, LocalGroup]:
-        if self._groups is None:
-            snapshot = await trio.to_thread.run_sync(self._store.load, limiter=self._store_limiter)
-            groups: dict[bytes, LocalGroup] = {}
-            for name, value in snapshot.kv.items():
-                if name.startswith(KV_PREFIX):
-                    group = LocalGroup.from_bytes(value, self._resolve)
-                    groups[group.session.state.group_id] = group
-            raw = snapshot.kv.get(HOLDS_KV)
-            recovery = KeyRecovery.from_bytes(raw) if raw is not None else KeyRecovery()
-            if self._groups is None:
-                self._groups = groups
-                self._recovery = recovery
-                if any(g.outbox for g in groups.values()) or recovery.busy:
-                    self._wake_group_sends()
-        return self._groups
-
-    def _holds(self) -> KeyRecovery:
-        if self._recovery is None:
-            raise GroupError("groups are not loaded yet")
-        return self._recovery
-
-    async def _group(self, gid: bytes) -> LocalGroup:
-        group = (await self._loaded_groups()).get(gid)
-        if group is None:
-            raise UnknownGroup("no such group on this device")
-        return group
-
-    def _group_row(self, gid: bytes) -> str:
-        return KV_PREFIX + self._store.row_id("group", gid.hex()).hex()
-
-    def _group_batch(self, gid: bytes, batch: Batch | None = None) -> Batch:
-        batch = batch if batch is not None else Batch()
-        if self._groups is not None and gid in self._groups:
-            batch.kv[self._group_row(gid)] = self._groups[gid].to_bytes()
-        return batch
-
-    # --- backups ----------------------------------------------------------------------------------
-
-    async def _backup_groups(self) -> tuple[BackupGroup, ...]:
-        """Every group this device knows, as backups carry it: state and epoch chain, never keys."""
-        out = []
-        for gid, group in sorted((await self._loaded_groups()).items()):
-            state = group.session.state
-            out.append(BackupGroup(gid, state.name, state.epoch, state.prev_hash,
-                                   tuple(str(u) for u in state.members), tuple(str(u) for u in state.admins),
-                                   group.session.replica.to_bytes()))
-        return tuple(out)
-
-    def _restored_group_rows(self, groups: tuple[BackupGroup, ...]) -> dict[str, bytes]:
-        """Store rows for a restored (new) device: each group's replica as mine, with no chains."""
-        rows = {}
-        for backup in groups:
-            if backup.chain is None:
-                log.info("a group in an old backup has no epoch chain; it is not restored")
-                continue
-            replica = replica_for(backup.chain, self.address)
-            rows[self._group_row(replica.state.group_id)] = LocalGroup(GroupSession(replica, self._resolve)).to_bytes()
-        return rows
-
-    # --- receiving (called by the inbox, under the client lock) --------------------------------
-
-    async def _receive_group_content(self, sender: DeviceAddress, plaintext: bytes, content: Content,
-                                     batch: Batch) -> list[Event]:
-        """A pairwise group bundle: welcome or sync, then controls, then the sender's chain, then its message."""
-        try:
-            raw = require_map(codec.decode(plaintext), "content").get("group")
-            if not isinstance(raw, bytes):
-                raise MalformedMessage("group content without a bundle")
-            bundle = GroupBundle.from_bytes(raw)
-        except (CodecError, ProtocolError, CryptoError):
-            return [SecurityEvent("decryption_failed", str(sender.user), str(sender), "a group message is malformed")]
-        if str(sender.user) != self.user and content.to != self.user:
-            return [SecurityEvent("misaddressed_message", str(sender.user), str(sender),
-                                  "message names another recipient")]
-        groups = await self._loaded_groups()
-        events: list[Event] = []
-        gid = bundle.group_id
-        group = groups.get(gid)
-        if bundle.welcome is not None:
-            group = self._accept_welcome(group, gid, bundle.welcome, sender, events)
-        if bundle.sync is not None:
-            group = self._accept_sync(group, gid, bundle.sync, sender, events)
-        if group is None:
-            return events + self._hold_bundle(sender, gid, plaintext, bundle, batch)
-        groups[gid] = group
-        for control in bundle.controls:
-            group.session.queue_control(control)
-        if bundle.controls:
-            self._settle(group, events)
-        if bundle.distribution is not None and self.address.user in group.session.state.members:
-            try:
-                group.session.add_sender_key(sender, bundle.distribution)
-            except CryptoError as exc:
-                log.info("sender key from %s refused: %s", sender, type(exc).__name__)
-        if bundle.message is not None:
-            events += self._group_decrypt(group, sender, bundle.message, batch)
-        if bundle.distribution is not None or bundle.reply is not None:
-            events += self._retry_held(group, sender, bundle.reply, batch)
-        self._group_batch(gid, batch)
-        return events + await self._release_bundles(gid, batch)
-
-    async def _release_bundles(self, gid: bytes, batch: Batch) -> list[Event]:
-        """Process what arrived for ``gid`` before this device knew the group (under the lock)."""
-        events: list[Event] = []
-        book = self._holds()
-        for held in book.bundles_for(gid):
-            batch.kv[HOLDS_KV] = book.to_bytes()
-            try:
-                events += await self._receive_group_content(DeviceAddress.parse(held.sender), held.data,
-                                                            Content.from_bytes(held.data), batch)
-            except (ProtocolError, CryptoError):
-                log.info("a held group content does not parse")
-        return events
-
-    def _accept_welcome(self, group: LocalGroup | None, gid: bytes, welcome: bytes, sender: DeviceAddress,
-                        events: list[Event]) -> LocalGroup | None:
-        """Join (or re-join, or catch up after a rebased addition) from an admin's welcome."""
-        try:
-            replica = GroupReplica.from_welcome(welcome, sender, self.address)
-        except CryptoError as exc:
-            log.info("group welcome from %s refused: %s", sender, type(exc).__name__)
-            return group
-        return self._adopt(group, gid, replica, events)
-
-    def _accept_sync(self, group: LocalGroup | None, gid: bytes, data: bytes, sender: DeviceAddress,
-                     events: list[Event]) -> LocalGroup | None:
-        """A group's replica from one of my own devices (a new device of mine learns my groups)."""
-        if sender.user != self.address.user:
-            log.info("group sync from another user's device %s ignored", sender)
-            return group
-        try:
-            replica = replica_for(data, self.address)
-        except CryptoError as exc:
-            log.info("group sync from %s refused: %s", sender, type(exc).__name__)
-            return group
-        if self.address.user not in replica.state.members:
-            return group
-        return self._adopt(group, gid, replica, events)
-
-    def _adopt(self, group: LocalGroup | None, gid: bytes, replica: GroupReplica,
-               events: list[Event]) -> LocalGroup | None:
-        if replica.state.group_id != gid:
-            log.info("group state for another group id refused")
-            return group
-        if group is not None:
-            current = group.session.state
-            if self.address.user in current.members and replica.state.epoch <= current.epoch:
-                return group                           # nothing newer than what I have
-            if self.address.user in current.members:
-                # Same membership, newer view: keep my chains, take the newer state.
-                obj = codec.decode(group.session.to_bytes())
-                obj["replica"] = replica.to_bytes()
-                group.session = GroupSession.from_bytes(codec.encode(obj), self._resolve)
-                events.append(changed_event(replica.state, ("welcome",)))
-                return group
-        events.append(changed_event(replica.state, ("welcome",)))
-        if group is None:
-            return LocalGroup(GroupSession(replica, self._resolve))
-        # Re-added after a removal: a fresh start (other members' new chains come with their next sends).
-        group.session = GroupSession(replica, self._resolve)
-        group.sent_key, group.given, group.outbox, group.anchor = None, {}, [], None
-        return group
-
-    def _settle(self, group: LocalGroup, events: list[Event]) -> None:
-        """Apply queued controls; re-queue my displaced changes rebased; forget chains if I was removed."""
-        for outcome in group.session.apply_pending():
-            state = group.session.state
-            if outcome.applied or outcome.undone:
-                events.append(changed_event(state, describe(outcome), outcome.removed_me))
-            for change in outcome.displaced_own:
-                prior = [str(u) for u in group.session.state.members]
-                signed = group.session.replica.resend(change, self._identity.signing_key)
-                if signed is not None:
-                    self._queue_control(group, signed, prior)
-                    events.append(changed_event(group.session.state, (f"{change.op.value} {change.target}",)))
-                    self._wake_group_sends()
-            if self.address.user not in group.session.state.members:
-                # Removed: keep the state (history, events) but no chain of this group any more.
-                group.session = GroupSession(group.session.replica, self._resolve)
-                group.sent_key, group.given, group.outbox, group.anchor = None, {}, [], None
-
-    async def _receive_group_message(self, sender: DeviceAddress, ciphertext: bytes, batch: Batch) -> list[Event]:
-        """A shared sender-key ciphertext: find the group whose chain of ``sender`` has this key id.
-
-        Under an unknown key id it is held and the sender device is asked for its key.
-        """
-        groups = await self._loaded_groups()
-        candidates = []
-        for gid, group in groups.items():
-            members = group.session.state.members
-            if sender.user not in members or self.address.user not in members:
-                continue
-            candidates.append(gid)
-            events = self._group_decrypt(group, sender, ciphertext, batch, quiet_unknown=True)
-            if events:
-                self._group_batch(gid, batch)
-                return events
-        unreadable = [SecurityEvent("decryption_failed", str(sender.user), str(sender),
-                                    "a group message could not be decrypted (no sender key)")]
-        if not candidates or self._book.listed_key(str(sender)) is None:
-            log.info("group message from %s under no known sender key", sender)
-            return unreadable
-        try:
-            message = GroupMessage.from_bytes(ciphertext)
-        except CryptoError:
-            return unreadable
-        now = self._clock()
-        book = self._holds()
-        lost = book.hold(Held(str(sender), list(candidates), ciphertext, now))
-        for gid in candidates:
-            if book.want_request(gid, str(sender), message.key_id, message.iteration, now):
-                log.info("asking %s for its sender key", sender)
-        batch.kv[HOLDS_KV] = book.to_bytes()
-        self._wake_group_sends()
-        return self._report_lost(lost, batch)
-
-    def _group_decrypt(self, group: LocalGroup, sender: DeviceAddress, message: bytes, batch: Batch,
-                       *, quiet_unknown: bool = False) -> list[Event]:
-        try:
-            plain = group.session.decrypt(sender, message, self._clock())
-            return self._group_message(group, sender, plain, batch)
-        except UnknownSenderKey:
-            if quiet_unknown:
-                return []
-            return [SecurityEvent("decryption_failed", str(sender.user), str(sender),
-                                  "a group message could not be decrypted (no sender key)")]
-        except CryptoError as exc:
-            log.info("group message from %s refused: %s", sender, type(exc).__name__)
-            return [SecurityEvent("decryption_failed", str(sender.user), str(sender),
-                                  "a group message could not be decrypted")]
-
-    def _group_message(self, group: LocalGroup, sender: DeviceAddress, plain: GroupPlaintext,
-                       batch: Batch) -> list[Event]:
-        """A decrypted group message: into the history (this batch) and one event."""
-        message_id, text, sent_ms = decode_body(plain.body)
-        now = self._clock()
-        gid = group.session.state.group_id
-        outgoing = str(sender.user) == self.user
-        batch.messages.append(HistoryEntry(conversation_of(gid), str(sender), message_id, text, sent_ms, now,
-                                           outgoing))
-        return [GroupMessageReceived(gid.hex(), str(sender.user), str(sender), message_id, text, sent_ms, now,
-                                     outgoing, plain.epoch)]
-
-    # --- held messages and key requests ---------------------------------------------------------
-
-    def _hold_bundle(self, sender: DeviceAddress, gid: bytes, plaintext: bytes, bundle: GroupBundle,
-                     batch: Batch) -> list[Event]:
-        """Group content for a group I do not know yet (my new device before its sync): keep it a while."""
-        if bundle.distribution is None and bundle.message is None and not bundle.controls:
-            return []
-        log.info("group content from %s for a group not known yet: held", sender)
-        book = self._holds()
-        lost = book.hold(Held(str(sender), [gid], plaintext, self._clock(), bundle=True))
-        batch.kv[HOLDS_KV] = book.to_bytes()
-        self._wake_group_sends()
-        return self._report_lost(lost, batch)
-
-    def _retry_held(self, group: LocalGroup, sender: DeviceAddress, reply: bytes | None,
-                    batch: Batch) -> list[Event]:
-        """A chain (or an answer) from ``sender`` arrived: decrypt what waited for it, report what cannot."""
-        book = self._holds()
-        gid = group.session.state.group_id
-        if reply is not None:
-            book.answered(gid, str(sender))
-        waiting = book.waiting(str(sender), gid)
-        if not waiting and reply is None:
-            return []
-        events: list[Event] = []
-        lost: list[Held] = []
-        for item in waiting:
-            try:
-                plain = group.session.decrypt(sender, item.data, self._clock())
-                events += self._group_message(group, sender, plain, batch)
-            except UnknownSenderKey:
-                key = item.key()
-                if reply is not None and key is not None and key[0] == reply:
-                    item.group_ids.remove(gid)     # the sender has no more of that chain for this group
-                    if not item.group_ids:
-                        lost.append(item)
-                continue
-            except CryptoError:
-                lost.append(item)
-                continue
-            book.drop(item)
-        for item in lost:
-            book.drop(item)
-        if not book.waiting(str(sender), gid):
-            book.answered(gid, str(sender))          # nothing waits: a later loss may ask again at once
-        batch.kv[HOLDS_KV] = book.to_bytes()
-        return events + self._report_lost(lost, batch, gid)
-
-    def _report_lost(self, lost: list[Held], batch: Batch, group_id: bytes | None = None) -> list[Event]:
-        """ONE event per sender device (and a notice in the group's history) for messages given up on.
-
-        The notice goes to ``group_id``, else to the one group the messages may belong to.
-        """
-        by_sender: dict[str, list[Held]] = {}
-        for item in lost:
-            by_sender.setdefault(item.sender, []).append(item)
-        events: list[Event] = []
-        now = self._clock()
-        for device, items in by_sender.items():
-            user = device.partition("/")[0]
-            count = len(items)
-            if all(i.bundle for i in items):
-                detail = f"{count} group message(s) from this device were for a group this device does not know"
-            else:
-                detail = f"{count} group message(s) from this device could not be decrypted: its sender key " \
-                         "did not arrive"
-            log.info("group messages from %s given up: %d", device, count)
-            events.append(SecurityEvent("decryption_failed", user, device, detail))
-            if group_id is not None:
-                groups = {group_id}
-            else:
-                groups = {g for i in items for g in i.group_ids} if all(len(i.group_ids) == 1 for i in items) \
-                    else set()
-            for gid in sorted(groups):
-                if self._groups is not None and gid in self._groups:
-                    batch.messages.append(HistoryEntry(conversation_of(gid), device,
-                                                       f"lost-{secrets.token_hex(12)}", detail, now, now,
-                                                       user == self.user, kind="notice"))
-        return events
-
-    async def _expire_held(self) -> None:
-        """Report held messages whose wait is over; process held contents of groups learnt meanwhile
-        (e.g. from a history transfer)."""
-        book = self._holds()
-        groups = self._groups or {}
-        deadline = book.next_deadline()
-        learnt = {g for h in book.held if h.bundle for g in h.group_ids if g in groups}
-        if not learnt and (deadline is None or deadline > self._clock()):
-            return
-        async with self._lock:
-            batch = Batch()
-            events: list[Event] = []
-            for gid in sorted(learnt):
-                events += await self._release_bundles(gid, batch)
-            lost = book.expired(self._clock())
-            batch.kv[HOLDS_KV] = book.to_bytes()
-            events += self._report_lost(lost, batch)
-            await self._persist(batch)
-        for event in events:
-            self._emit(event)
-
-    async def _send_key_requests(self) -> None:
-        """Send my queued ``sender_key_request`` contents (pairwise, to the sender's user)."""
-        book = self._holds()
-        while book.due:
-            request = book.due[0]
-            user = str(DeviceAddress.parse(request.device).user)
-            template = Content(SENDER_KEY_REQUEST, secrets.token_hex(16), "", "", self._clock(), 0, bytes(32),
-                               request.to_refs())
-            try:
-                await self._send_content([user], template)
-            except _RECOVERABLE as exc:
-                log.info("sender key request not sent: %s", type(exc).__name__)
-            async with self._lock:
-                if request in book.due:
-                    book.due.remove(request)
-                await self._persist(Batch(kv={HOLDS_KV: book.to_bytes()}))
-
-    async def _receive_key_request(self, sender: DeviceAddress, content: Content, batch: Batch) -> Event | None:
-        """A member device asks for my chain (inbox, under the lock): queued for the background task."""
-        try:
-            request = KeyRequest.from_refs(content.refs)
-        except CryptoError:
-            log.info("malformed sender key request from %s", sender)
-            return None
-        if request.device != str(self.address) or (str(sender.user) != self.user and content.to != self.user):
-            return None                                # for another device of my user
-        groups = await self._loaded_groups()
-        if request.group_id in groups and self._holds().want_answer(str(sender), request):
-            batch.kv[HOLDS_KV] = self._holds().to_bytes()
-            self._wake_group_sends()
-        return None
-
-    async def _answer_key_requests(self) -> None:
-        book = self._holds()
-        while book.answers:
-            requester, request = book.answers[0]
-            try:
-                await self._answer(requester, request)
-            except _RECOVERABLE as exc:
-                log.info("sender key request not answered: %s", type(exc).__name__)
-            async with self._lock:
-                if (requester, request) in book.answers:
-                    book.answers.remove((requester, request))
-                await self._persist(Batch(kv={HOLDS_KV: book.to_bytes()}))
-
-    async def _answer(self, requester: str, request: KeyRequest) -> None:
-        """Hand my chain to ``requester`` if it is a listed device of a current member; else nothing."""
-        parsed = DeviceAddress.parse(requester)
-        user = str(parsed.user)
-        rpc = await self._wait_rpc()
-        await self._device_list(rpc, user)
-        if self._book.listed_key(requester) is None:
-            log.info("sender key request from %s refused: not in its user's signed list", requester)
-            return
-        group = await self._group(request.group_id)
-        gid = request.group_id
-        message_id = secrets.token_hex(16)
-        stale = 0
-        while stale < MAX_STALE_RETRIES:
-            rpc = await self._wait_rpc()
-            try:
-                targets = await self._targets(rpc, [user])
-                await self._ensure_sessions(rpc, targets)
-            except TransportClosed:
-                await self._until_replaced(rpc)
-                continue
-            if requester not in targets:
-                return
-            async with self._lock:
-                group.session.apply_pending()
-                members = group.session.state.members
-                if parsed.user not in members or self.address.user not in members:
-                    log.info("sender key request from %s refused: not a member", requester)
-                    return
-                distribution, since = self._served(group, requester, request)
-                now = self._clock()
-                batch = Batch()
-                answer = GroupBundle(gid, distribution=distribution, reply=request.key_id).to_bytes()
-                payloads = self._pairwise([requester], [user], message_id, now, answer, {}, batch)
-                others = [a for a in targets if a != requester]
-                if others:      # the op must cover the user's devices: the others get an empty bundle
-                    payloads += self._pairwise(others, [user], message_id, now, GroupBundle(gid).to_bytes(), {},
-                                               batch)
-                await self._persist(batch)
-                key_id = group.sent_key
-            if await self._send_or_stale(message_id, payloads):
-                if since is not None:
-                    async with self._lock:
-                        if group.sent_key == key_id:
-                            group.given.setdefault(requester, since)
-                            await self._persist(self._group_batch(gid))
-                return
-            stale += 1
-
-    def _served(self, group: LocalGroup, requester: str, request: KeyRequest) -> tuple[bytes | None, int | None]:
-        """(distribution to hand out, iteration the requester now holds my chain from if new to it)."""
-        outbound = group.session.outbound
-        if outbound is None or not self._chain_is_current(group):
-            return None, None                          # my next send starts a new chain for everyone
-        served = group.served_distribution(requester, request.key_id, request.iteration)
-        if served is not None:
-            return served, None
-        return outbound.distribution().to_bytes(), outbound.iteration
