@@ -19,7 +19,8 @@ from typing import Any
 
 from federation import codec
 from federation.errors import AddressError, CodecError, ErrorCode, ProtocolError, RequestRejected
-from federation.s2s import Envelope, EnvelopeClass, Transaction, UnsupportedVersion
+from federation.s2s import Envelope, EnvelopeClass, Transaction
+from federation.s2s_frame import UnsupportedVersion
 from federation.validate import field as wire_field
 from federation.validate import require_map
 

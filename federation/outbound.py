@@ -25,9 +25,10 @@ from federation import codec
 from federation.errors import AddressError, CodecError, ErrorCode, ProtocolError, RequestRejected
 from federation.inbound import STATE_LIMITS, CorruptState
 from federation.s2s import (
-    ENVELOPE_ID_LEN, MAX_ENVELOPES, MAX_RECIPIENTS, Envelope, EnvelopeClass, EnvelopeKind,
-    UnsupportedVersion, address_domain, check_envelope_binding, new_id,
+    ENVELOPE_ID_LEN, MAX_ENVELOPES, Envelope, EnvelopeClass, EnvelopeKind, address_domain, check_envelope_binding,
+    new_id,
 )
+from federation.s2s_frame import MAX_RECIPIENTS, UnsupportedVersion
 from federation.validate import field, require_map
 
 Rng = Callable[[int], bytes]

@@ -19,7 +19,8 @@ from federation.frames import Op
 from federation.transport import CLOSE_GOING_AWAY, MemoryNetwork, Transport, serve_websocket_transport
 from homeserver.clock import Clock, wall_clock_ms
 from federation.discovery import Discovery
-from federation.links import MAX_FED_FRAME, memory_listener_name, serve_federation_connection
+from federation.link_server import serve_federation_connection
+from federation.links import MAX_FED_FRAME, memory_listener_name
 from federation.s2s import EnvelopeKind
 from homeserver.config import Config
 from homeserver.connection import Dispatcher, Session, serve_connection

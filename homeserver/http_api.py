@@ -15,7 +15,8 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 from federation import codec
-from federation.links import MAX_FED_FRAME, http_federation_app_handler
+from federation.link_server import http_federation_app_handler
+from federation.links import MAX_FED_FRAME
 
 if TYPE_CHECKING:
     from homeserver.app import Homeserver

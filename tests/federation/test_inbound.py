@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 from conformance.rng import counter_rng
 from federation.inbound import TXN_ID_TTL_MS, CorruptState, HoldBackFull, InboundState
 from federation.outbound import EnvelopeDraft, OutboundConfig, OutboundQueue
-from federation.s2s import EnvelopeClass, EnvelopeKind, Transaction, UnsupportedVersion
+from federation.s2s import EnvelopeClass, EnvelopeKind, Transaction
+from federation.s2s_frame import UnsupportedVersion
 
 ORIGIN, DEST = "example.org", "example.net"
 T0 = 1_700_000_000_000

@@ -21,10 +21,10 @@ from hypercorn.trio import serve as hypercorn_serve
 from federation import codec, s2s
 from federation.discovery import Discovery, DiscoveryDocument, Endpoints
 from federation.errors import ErrorCode, RequestRejected
+from federation.link_server import http_federation_app_handler, serve_federation_connection
 from federation.links import (
     HTTP_REQUEST_PATH, HTTP_TXN_PATH, MAX_FED_FRAME, HttpLink, Link, LinkClosed, LinkError, LinkPool, MemoryLink,
-    WebSocketLink, http_federation_app_handler, http_resolver, memory_listener_name, memory_resolver,
-    serve_federation_connection, websocket_resolver,
+    WebSocketLink, http_resolver, memory_listener_name, memory_resolver, websocket_resolver,
 )
 from federation.rpc import RemoteError
 from federation.transport import (

@@ -10,7 +10,8 @@ from federation.inbound import CorruptState
 from federation.outbound import (
     EnvelopeDraft, EnvelopeTooLarge, OutboundConfig, OutboundQueue, backoff_delay_ms, draft,
 )
-from federation.s2s import EnvelopeClass, EnvelopeKind, ForgedOrigin, UnsupportedVersion
+from federation.s2s import EnvelopeClass, EnvelopeKind
+from federation.s2s_frame import ForgedOrigin, UnsupportedVersion
 
 ORIGIN, DEST = "example.org", "example.net"
 T0 = 1_700_000_000_000

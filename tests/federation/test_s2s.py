@@ -9,8 +9,9 @@ from federation import codec, s2s, signing
 from federation.errors import ErrorCode, RequestRejected
 from federation.inbound import InboundState
 from federation.s2s import (
-    DEFAULT_CLASS, Envelope, EnvelopeClass, EnvelopeKind, RejectReason, sign_transaction, verify_transaction,
+    DEFAULT_CLASS, Envelope, EnvelopeClass, EnvelopeKind, sign_transaction, verify_transaction,
 )
+from federation.s2s_frame import RejectReason
 
 VECTORS = load_vectors("s2s", "transaction")
 PARAMS = VECTORS["parameters"]
