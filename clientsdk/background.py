@@ -35,25 +35,22 @@ from clientsdk.content import (
     TYPING,
     Content,
 )
-from clientsdk.crypto.errors import CryptoError
 from clientsdk.crypto.identity import DeviceIdentity, VerifiedDeviceList
 from clientsdk.crypto.session import Session
 from clientsdk.devicelists import ContactBook
-from clientsdk.errors import SdkError, SendFailed
+from clientsdk.errors import RECOVERABLE_ERRORS, SdkError, SendFailed
 from clientsdk.events import Event, MessageReceived
 from clientsdk.resets import KV_NAME, ResetBook
 from clientsdk.sessions import SessionBook, verified_bundle
 from clientsdk.store import Batch, HistoryEntry, Store
 from federation.addresses import DeviceAddress, UserAddress
-from federation.errors import ProtocolError
 from federation.keys import BadBundle
-from federation.rpc import RemoteError, RpcClient
+from federation.rpc import RpcClient
 
 log = logging.getLogger(__name__)
 
 PRESENCE_STATES = frozenset({"online", "away", "busy", "offline"})
 MAX_STATUS_CHARS = 200
-_RECOVERABLE = (SdkError, RemoteError, CryptoError, ProtocolError)
 
 
 def _new_id() -> str:
@@ -149,14 +146,14 @@ class BackgroundMixin:
             for device in sorted(self._resets.unsent):
                 try:
                     await self._perform_reset(device)
-                except _RECOVERABLE as exc:
+                except RECOVERABLE_ERRORS as exc:
                     # Stays pending: tried again on the next wake-up or connect.
                     log.info("session reset with %s not sent yet: %s", device, type(exc).__name__)
             for conversation in list(self._receipts_due):
                 ids = self._receipts_due[conversation][:MAX_REFS]
                 try:
                     await self._send_content([conversation], self._template(RECEIPT, refs=ids, state=DELIVERED))
-                except _RECOVERABLE as exc:
+                except RECOVERABLE_ERRORS as exc:
                     log.info("delivery receipt dropped: %s", type(exc).__name__)
                 remaining = self._receipts_due.get(conversation, [])[len(ids):]
                 if remaining:

@@ -40,7 +40,7 @@ from clientsdk.crypto.identity import (
 from clientsdk.crypto.primitives import ct_equal
 from clientsdk.crypto.session import Session
 from clientsdk.devices import DevicesMixin, master_first
-from clientsdk.errors import NotConnected, NotMasterDevice, SendFailed, StoreCorrupted, StoreError
+from clientsdk.errors import MAX_STALE_RETRIES, NotConnected, NotMasterDevice, SendFailed, StoreCorrupted, StoreError
 from clientsdk.events import Event, MessageReceived, SecurityEvent
 from clientsdk.groups import GroupsMixin
 from clientsdk.history import HistoryMixin
@@ -60,7 +60,6 @@ from federation.transport import TransportClosed
 
 MessageHandler = Callable[[MessageReceived], Awaitable[None]]
 
-MAX_STALE_RETRIES = 4
 # Scheduling rounds a commit waits for more batches before it starts: an ack wakes its send
 # through the transport's reader, then the rpc reader.  In bench/e2e.py 3 rounds took sends from
 # ~1.7 to ~2.8 per commit (a thread hop and an fsync each), for a few µs of latency.

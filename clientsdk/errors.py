@@ -20,7 +20,9 @@ keys, secrets or plaintext, so they are safe to log and show.
 
 from __future__ import annotations
 
-from clientsdk.crypto.errors import UnsupportedVersion
+from clientsdk.crypto.errors import CryptoError, UnsupportedVersion
+from federation.errors import ProtocolError
+from federation.rpc import RemoteError
 
 
 class SdkError(Exception):
@@ -73,3 +75,12 @@ class NotConnected(SdkError):
 
 class BackupFailed(SdkError):
     code = "backup_failed"
+
+
+# What background work (prekey top-ups, group sends, key requests, history transfer) logs
+# and tries again later; anything else is a bug and propagates.
+RECOVERABLE_ERRORS: tuple[type[Exception], ...] = (SdkError, RemoteError, CryptoError, ProtocolError)
+
+# A send whose recipients' device lists keep changing under it is re-encrypted this many
+# times (``stale_devices``), then refused.
+MAX_STALE_RETRIES = 4

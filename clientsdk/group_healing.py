@@ -33,7 +33,7 @@ from clientsdk.crypto.errors import CryptoError
 from clientsdk.crypto.identity import VerifiedDeviceList
 from clientsdk.crypto.sender_keys import GroupPlaintext, UnknownSenderKey
 from clientsdk.devicelists import ContactBook
-from clientsdk.errors import SdkError
+from clientsdk.errors import MAX_STALE_RETRIES, RECOVERABLE_ERRORS
 from clientsdk.events import Event, SecurityEvent
 from clientsdk.group_records import (
     HOLDS_KV,
@@ -46,14 +46,11 @@ from clientsdk.group_records import (
 )
 from clientsdk.store import Batch, HistoryEntry
 from federation.addresses import DeviceAddress
-from federation.errors import ProtocolError
-from federation.rpc import RemoteError, RpcClient
+from federation.rpc import RpcClient
 from federation.transport import TransportClosed
 
 log = logging.getLogger(__name__)
 
-MAX_STALE_RETRIES = 4            # as in clientsdk.groups
-_RECOVERABLE = (SdkError, RemoteError, CryptoError, ProtocolError)
 
 
 class GroupHealingMixin:
@@ -225,7 +222,7 @@ class GroupHealingMixin:
                                request.to_refs())
             try:
                 await self._send_content([user], template)
-            except _RECOVERABLE as exc:
+            except RECOVERABLE_ERRORS as exc:
                 log.info("sender key request not sent: %s", type(exc).__name__)
             async with self._lock:
                 if request in book.due:
@@ -253,7 +250,7 @@ class GroupHealingMixin:
             requester, request = book.answers[0]
             try:
                 await self._answer(requester, request)
-            except _RECOVERABLE as exc:
+            except RECOVERABLE_ERRORS as exc:
                 log.info("sender key request not answered: %s", type(exc).__name__)
             async with self._lock:
                 if (requester, request) in book.answers:

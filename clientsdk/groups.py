@@ -64,13 +64,12 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from clientsdk.content import Content
-from clientsdk.crypto.errors import CryptoError
 from clientsdk.crypto.group_session import GroupSession
 from clientsdk.crypto.group_state import ChangeOp, GroupReplica, GroupState, NotMember, SignedChange
 from clientsdk.crypto.identity import DeviceIdentity, VerifiedDeviceList
 from clientsdk.crypto.primitives import system_rng
 from clientsdk.devicelists import ContactBook
-from clientsdk.errors import SdkError, SendFailed
+from clientsdk.errors import MAX_STALE_RETRIES, RECOVERABLE_ERRORS, SendFailed
 from clientsdk.events import Event
 from clientsdk.group_healing import GroupHealingMixin
 from clientsdk.group_receive import GroupReceiveMixin
@@ -94,7 +93,7 @@ from clientsdk.sessions import SessionBook
 from clientsdk.store import Batch, HistoryEntry, Store
 from federation import codec
 from federation.addresses import DeviceAddress, UserAddress
-from federation.errors import ErrorCode, ProtocolError
+from federation.errors import ErrorCode
 from federation.rpc import RemoteError, RpcClient
 from federation.transport import TransportClosed
 
@@ -103,9 +102,7 @@ __all__ = ["GROUP_CONTENT", "GroupBundle", "GroupChanged", "GroupError", "GroupM
 
 log = logging.getLogger(__name__)
 
-MAX_STALE_RETRIES = 4
 BACKLOG_WAIT_S = 10.0            # a server that never sends backlog_done delays group sends this long, once
-_RECOVERABLE = (SdkError, RemoteError, CryptoError, ProtocolError)
 
 
 async def _first_of(*events: trio.Event) -> None:
@@ -422,7 +419,7 @@ class GroupsMixin(GroupReceiveMixin, GroupHealingMixin, GroupStoreMixin):
                 if group.outbox:
                     try:
                         await self._flush_outbox(gid)
-                    except _RECOVERABLE as exc:
+                    except RECOVERABLE_ERRORS as exc:
                         log.info("group control send postponed: %s", type(exc).__name__)
             deadline: int | None = None
             if self._recovery is not None:

@@ -48,13 +48,20 @@ import trio
 
 from clientsdk.contacts import TOFU, VERIFIED, Contact
 from clientsdk.content import Content
-from clientsdk.crypto.errors import CryptoError, MalformedMessage, UnsupportedVersion
+from clientsdk.crypto.errors import MalformedMessage, UnsupportedVersion
 from clientsdk.crypto.identity import DeviceIdentity, MasterKey, PrekeyStore, VerifiedDeviceList, resign_device_list
 from clientsdk.crypto.primitives import ct_equal
 from clientsdk.crypto.session import Session
 from clientsdk.devicelists import ContactBook
 from clientsdk.devices import master_device_id
-from clientsdk.errors import SdkError, SendFailed, StoreCorrupted, StoreVersionUnsupported
+from clientsdk.errors import (
+    MAX_STALE_RETRIES,
+    RECOVERABLE_ERRORS,
+    SdkError,
+    SendFailed,
+    StoreCorrupted,
+    StoreVersionUnsupported,
+)
 from clientsdk.events import Event, HistoryImported
 from clientsdk.sessions import SessionBook, verified_bundle
 from clientsdk.store import Batch, HistoryEntry, Store
@@ -76,13 +83,11 @@ MAX_MESSAGES_PER_CONVERSATION = 500          # the most recent ones of each conv
 MAX_TRANSFER_BYTES = 8 << 20                 # contacts and messages together (encoded)
 CHUNK_BYTES = 256 << 10                      # one chunk's encoded size: ciphertexts stay far below 1 MiB
 MAX_TAIL_MESSAGES = 1_000                    # stored while the bulk was being sent
-MAX_STALE_RETRIES = 4
 MAX_RATE_RETRIES = 5
 RATE_BACKOFF_S = 1.0
 _CHUNK_OVERHEAD = 256                        # the chunk map around its items
 _CHUNK_LIMITS = codec.Limits(max_bytes=1 << 20, max_depth=6, max_items=200_000, max_container=50_000)
 _SIZE_LIMITS = codec.Limits(max_bytes=64 << 20, max_depth=6, max_items=200_000, max_container=50_000)
-_RECOVERABLE = (SdkError, RemoteError, CryptoError, ProtocolError)
 _KINDS = ("text", "notice")
 
 
@@ -310,7 +315,7 @@ class HistoryMixin:
             transfer.next_index = len(chunks)
             log.info("history shared with %s: %d messages in %d chunks", device_id, len(chosen), len(chunks))
             return transfer
-        except _RECOVERABLE as exc:
+        except RECOVERABLE_ERRORS as exc:
             log.warning("history not shared with %s: %s", device_id, type(exc).__name__)
             return None
 
@@ -324,7 +329,7 @@ class HistoryMixin:
             for chunk in pack_chunks(transfer.transfer, device_id, messages=chosen, first_index=transfer.next_index,
                                      final=True, omitted=transfer.omitted + dropped, chunk_bytes=CHUNK_BYTES):
                 await self._send_history_chunk(transfer, chunk)
-        except _RECOVERABLE as exc:
+        except RECOVERABLE_ERRORS as exc:
             log.warning("history transfer to %s not finished: %s", transfer.device, type(exc).__name__)
 
     def _shared_contacts(self) -> list[dict[str, Any]]:
