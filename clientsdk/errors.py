@@ -15,13 +15,14 @@ keys, secrets or plaintext, so they are safe to log and show.
     ├── SendFailed                  a send could not complete (code from the server or local cause)
     ├── BackupFailed                a backup could not be written or read (I/O, nothing to back up yet);
     │                               a wrong passphrase or key is ``clientsdk.crypto.errors.BackupInvalid``
-    └── NotConnected                an operation that needs a connection, outside ``connect()``
+    ├── NotConnected                an operation that needs a connection, outside ``connect()``
+    └── KeysUnavailable             a sender's keys cannot be fetched now; its envelope comes again later
 """
 
 from __future__ import annotations
 
 from clientsdk.crypto.errors import CryptoError, UnsupportedVersion
-from federation.errors import ProtocolError
+from federation.errors import ErrorCode, ProtocolError
 from federation.rpc import RemoteError
 
 
@@ -75,6 +76,22 @@ class NotConnected(SdkError):
 
 class BackupFailed(SdkError):
     code = "backup_failed"
+
+
+class KeysUnavailable(SdkError):
+    """A sender's signed list could not be fetched right now (a transient server answer).
+
+    The envelope is left unprocessed and unacknowledged, so the server pushes it again
+    on the next connection: a passing failure must not turn a message into a
+    ``decryption_failed`` event and lose it (LESSONS #1, #9).
+    """
+
+    code = "keys_unavailable"
+
+
+# Server answers that say "not now" rather than "no": the sender's keys may be there later.
+TRANSIENT_CODES = frozenset({ErrorCode.RATE_LIMITED, ErrorCode.SHUTTING_DOWN, ErrorCode.REMOTE_ERROR,
+                             ErrorCode.UNKNOWN_DOMAIN, ErrorCode.INTERNAL})
 
 
 # What background work (prekey top-ups, group sends, key requests, history transfer) logs

@@ -57,6 +57,8 @@ from clientsdk.devices import master_device_id
 from clientsdk.errors import (
     MAX_STALE_RETRIES,
     RECOVERABLE_ERRORS,
+    TRANSIENT_CODES,
+    KeysUnavailable,
     SdkError,
     SendFailed,
     StoreCorrupted,
@@ -459,7 +461,11 @@ class HistoryMixin:
             return True
         try:
             own = await self._device_list(rpc, self.user, force=True, have_lock=True)
-        except (SdkError, RemoteError):
+        except RemoteError as exc:
+            if exc.code in TRANSIENT_CODES:        # not now: the chunk comes again (inbox rolls back)
+                raise KeysUnavailable(f"my device list is unavailable ({exc.code.value})") from exc
+            return False
+        except SdkError:
             return False
         return master_device_id(own.device_list) == sender.device_id
 

@@ -20,7 +20,7 @@ from clientsdk.crypto.errors import CryptoError
 from clientsdk.crypto.identity import DeviceIdentity, PrekeyStore, VerifiedDeviceList
 from clientsdk.crypto.session import PrekeyMessage, parse_message
 from clientsdk.devicelists import ContactBook
-from clientsdk.errors import ContactKeyChanged, SdkError, SendFailed
+from clientsdk.errors import TRANSIENT_CODES, ContactKeyChanged, KeysUnavailable, SdkError, SendFailed
 from clientsdk.events import Event, MessageReceived, SecurityEvent
 from clientsdk.groups import GROUP_CONTENT, is_group_message
 from clientsdk.history import HISTORY_CONTENT
@@ -29,25 +29,20 @@ from clientsdk.resets import ResetBook, ResetDecision
 from clientsdk.sessions import NoSession, SessionBook
 from clientsdk.store import Batch, HistoryEntry, Store
 from federation.addresses import DeviceAddress
-from federation.errors import ErrorCode, ProtocolError
+from federation.errors import ProtocolError
 from federation.rpc import RemoteError, RpcClient
 
 log = logging.getLogger(__name__)
 
-# Server answers that say "not now" rather than "no": the sender's keys may be there later.
-TRANSIENT_CODES = frozenset({ErrorCode.RATE_LIMITED, ErrorCode.SHUTTING_DOWN, ErrorCode.REMOTE_ERROR,
-                             ErrorCode.UNKNOWN_DOMAIN, ErrorCode.INTERNAL})
+class _UndoPoint:
+    """Where a sender's sessions (and, for a prekey message, the prekey store) stood before a decryption."""
 
+    __slots__ = ("sender", "sessions", "prekeys")
 
-class KeysUnavailable(SdkError):
-    """The sender's signed list could not be fetched right now (a transient server answer).
-
-    The envelope is left unprocessed and unacknowledged, so the server pushes it again
-    on the next connection: a passing failure must not turn a message into a
-    ``decryption_failed`` event and lose it (LESSONS #1, #9).
-    """
-
-    code = "keys_unavailable"
+    def __init__(self, sender: str, sessions: bytes | None) -> None:
+        self.sender = sender
+        self.sessions = sessions            # None: there was no session with the sender
+        self.prekeys: bytes | None = None   # set when accepting a prekey message takes a one-time prekey
 
 
 class InboxMixin:
@@ -175,8 +170,9 @@ class InboxMixin:
             sender_address = DeviceAddress.parse(sender)
             if is_group_message(ciphertext):
                 return await self._receive_group_message(sender_address, ciphertext, batch)
+            undo = _UndoPoint(sender, self._sessions.state_bytes(sender) if self._sessions.has(sender) else None)
             try:
-                plaintext = await self._decrypt(rpc, sender_address, ciphertext)
+                plaintext = await self._decrypt(rpc, sender_address, ciphertext, undo)
             except ContactKeyChanged:
                 return await self._hold_for_key_change(sender_address, fields, batch)     # clientsdk.verify
             except CryptoError as exc:
@@ -194,6 +190,30 @@ class InboxMixin:
             return SecurityEvent("decryption_failed", str(sender).partition("/")[0], str(sender),
                                  "a message could not be decrypted")
         self._book.note_sender_list(str(sender_address.user), content)
+        try:
+            return await self._handle_content(rpc, sender_address, plaintext, content, batch)
+        except BaseException:
+            # Interrupted after decryption (a lost connection, keys unavailable, a closing
+            # client): the envelope is neither marked processed nor acked, so it comes
+            # again, and the ratchet must be where it was or its message key is spent
+            # and the redelivery ends in a session reset (LESSONS #1).
+            self._undo_decryption(undo, batch)
+            raise
+
+    def _undo_decryption(self, undo: _UndoPoint, batch: Batch) -> None:
+        if undo.sessions is None:
+            self._sessions.drop(undo.sender)
+            batch.sessions.pop(undo.sender, None)
+        else:
+            self._sessions.load(undo.sender, undo.sessions)
+            batch.sessions[undo.sender] = undo.sessions
+        if undo.prekeys is not None:
+            self._prekeys = PrekeyStore.from_bytes(undo.prekeys)
+
+    async def _handle_content(self, rpc: RpcClient, sender_address: DeviceAddress, plaintext: bytes,
+                              content: Content, batch: Batch) -> Event | list[Event] | None:
+        """What a decrypted message means; may need the store or the network (history, groups)."""
+        sender = str(sender_address)
         if content.type == GROUP_CONTENT:
             return await self._receive_group_content(sender_address, plaintext, content, batch)
         if content.type == SENDER_KEY_REQUEST:
@@ -243,11 +263,12 @@ class InboxMixin:
                                            user == self.user, kind="notice"))
         return SecurityEvent("session_reset", user, device, detail)
 
-    async def _decrypt(self, rpc: RpcClient, sender: DeviceAddress, ciphertext: bytes) -> bytes:
+    async def _decrypt(self, rpc: RpcClient, sender: DeviceAddress, ciphertext: bytes, undo: _UndoPoint) -> bytes:
         message = parse_message(ciphertext)
         plaintext = self._sessions.decrypt_existing(str(sender), message, self._clock())
         if plaintext is None and isinstance(message, PrekeyMessage):
             identity_key = await self._sender_identity_key(rpc, sender)
+            undo.prekeys = self._prekeys.to_bytes()
             self._prekeys_changed = True            # accepting deletes a one-time prekey: store them with the batch
             plaintext = self._sessions.accept(self._identity, self.address, self._prekeys, sender, identity_key,
                                               message, self._clock())

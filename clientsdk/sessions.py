@@ -32,10 +32,17 @@ class NoSession(CryptoError):
 
 
 class SessionBook:
-    __slots__ = ("_sessions",)
+    """Sessions per device; every change goes through here, so the encoded form can be cached.
+
+    ``state_bytes`` is what the store keeps and also the receiver's undo point before a
+    decryption (``clientsdk.inbox``): caching it until the next change makes that free.
+    """
+
+    __slots__ = ("_sessions", "_encoded")
 
     def __init__(self) -> None:
         self._sessions: dict[str, list[Session]] = {}
+        self._encoded: dict[str, bytes] = {}
 
     def __repr__(self) -> str:
         return f"SessionBook({len(self._sessions)} devices)"
@@ -44,15 +51,18 @@ class SessionBook:
         return bool(self._sessions.get(address))
 
     def add(self, address: str, session: Session) -> None:
+        self._encoded.pop(address, None)
         self._sessions[address] = ([session] + self._sessions.get(address, []))[:MAX_SESSIONS_PER_DEVICE]
 
     def drop(self, address: str) -> bool:
+        self._encoded.pop(address, None)
         return self._sessions.pop(address, None) is not None
 
     def encrypt(self, address: str, plaintext: bytes) -> bytes:
         sessions = self._sessions.get(address)
         if not sessions:
             raise NoSession("no session with this device")
+        self._encoded.pop(address, None)
         return sessions[0].encrypt(plaintext)
 
     def _promote(self, address: str, index: int) -> None:
@@ -61,6 +71,7 @@ class SessionBook:
 
     def decrypt_existing(self, sender: str, message: PrekeyMessage | NormalMessage, now_ms: int) -> bytes | None:
         """Decrypt with a session we hold; None for a prekey message that starts a new session."""
+        self._encoded.pop(sender, None)
         sessions = self._sessions.get(sender, [])
         if isinstance(message, PrekeyMessage):
             for i, session in enumerate(sessions):
@@ -89,7 +100,11 @@ class SessionBook:
         return plaintext
 
     def state_bytes(self, address: str) -> bytes:
-        return codec.encode([s.to_bytes() for s in self._sessions.get(address, [])], _LIMITS)
+        data = self._encoded.get(address)
+        if data is None:
+            data = self._encoded[address] = codec.encode([s.to_bytes() for s in self._sessions.get(address, [])],
+                                                         _LIMITS)
+        return data
 
     def load(self, address: str, data: bytes) -> None:
         try:
@@ -99,6 +114,7 @@ class SessionBook:
         if not isinstance(states, list) or not all(isinstance(s, bytes) for s in states):
             raise MalformedMessage("malformed session list")
         self._sessions[address] = [Session.from_bytes(s) for s in states]
+        self._encoded[address] = data
 
 
 def verified_bundle(raw: Any, listed_key: Callable[[str], bytes | None]) -> PrekeyBundle:

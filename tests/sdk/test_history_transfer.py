@@ -10,13 +10,14 @@ from clientsdk import cli, history
 from clientsdk.crypto.errors import MalformedMessage, UnsupportedVersion
 from clientsdk.crypto.identity import MasterKey
 from clientsdk.devices import master_device_id, master_first
-from clientsdk.events import Event, HistoryImported, MessageReceived
+from clientsdk.events import Event, HistoryImported, MessageReceived, SecurityEvent
 from clientsdk.groups import GroupChanged, GroupMessageReceived
 from clientsdk.history import HistoryChunk, Transfer, pack_chunks, select_messages
 from clientsdk.store import HistoryEntry
 from clientsdk.verify import TrustState
 from federation import codec
 from federation.keys import DeviceEntry, DeviceList
+from federation.transport import TransportClosed
 from tests.sdk.conftest import DOMAIN, collect
 
 ALICE = f"alice@{DOMAIN}"
@@ -89,6 +90,44 @@ async def test_linked_device_gets_contacts_trust_groups_and_history(world):
         await alice2.aclose()
     for client in (alice1, bob, carol):
         await client.aclose()
+
+
+async def test_a_connection_lost_while_a_decrypted_chunk_is_checked_loses_nothing(world, monkeypatch):
+    """Checking a chunk's sender may need the network after decryption moved the ratchet.
+
+    If the connection drops there, the envelope comes again on the next connection; it
+    must decrypt and import then (no spent message key, no session reset).
+    """
+    alice1 = await world.register("alice")
+    bob = await world.register("bob")
+    async with alice1.connect(), bob.connect():
+        await alice1.send(BOB, "a1")
+        await collect(bob, 1)
+        alice2 = await world.login("alice", "alice2")
+        real_check = alice2._from_master_device
+        dropped: list[str] = []
+
+        async def connection_drops_once(rpc, sender):
+            if not dropped:
+                dropped.append(str(sender))
+                await rpc.transport.aclose()
+                raise TransportClosed(1006, "connection lost")
+            return await real_check(rpc, sender)
+
+        monkeypatch.setattr(alice2, "_from_master_device", connection_drops_once)
+        async with alice2.connect():
+            await alice1.approve_link(alice2.linking_code())
+            seen: list[Event] = []
+            imported = await _next(alice2, HistoryImported, seen)
+            assert dropped == [str(alice1.address)]
+            assert imported.messages == 1
+            assert [e for e in seen if isinstance(e, SecurityEvent)] == []
+            assert await _texts(alice2, BOB) == ["a1"]
+            await alice1.send(ALICE, "still in session")
+            assert [m.text for m in await collect(alice2, 1)] == ["still in session"]
+        await alice2.aclose()
+    await alice1.aclose()
+    await bob.aclose()
 
 
 async def test_no_history_when_the_app_opts_out(world):
