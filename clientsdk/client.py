@@ -117,16 +117,20 @@ class GroupCommit:
     """Group commit for the client store: one thread hop and one fsync for many batches.
 
     ``add`` queues a batch (synchronously, so callers fix the order under their lock);
-    ``wait`` returns once it is durable.  While one commit runs in the store thread,
-    later batches merge into the next one (``Batch.merge``: the result is the same as
-    applying them one by one); whichever waiter finds no commit running starts it,
-    after ``GATHER_ROUNDS`` scheduling rounds in which tasks already woken (say, sends
-    whose previous ack just arrived) can join.  Waiting is shielded from cancellation,
-    like the thread hop it replaces: a queued batch is always written.
+    ``wait`` returns once it is durable.  While one commit runs, later batches merge
+    into the next one (``Batch.merge``: the result is the same as applying them one by
+    one); whichever waiter finds no commit running starts it, after ``GATHER_ROUNDS``
+    scheduling rounds in which tasks already woken (say, sends whose previous ack just
+    arrived) can join.  A commit holds the store's limiter, ``stage``s the rows on the
+    trio thread and runs only ``commit`` (the fsync) in a worker thread
+    (``Store.stage``).  Waiting is shielded from cancellation: a queued batch is always
+    written.
     """
 
-    def __init__(self, apply: Callable[[Batch, int], None], limiter: trio.CapacityLimiter) -> None:
-        self._apply = apply
+    def __init__(self, stage: Callable[[Batch, int], bool], commit: Callable[[], None],
+                 limiter: trio.CapacityLimiter) -> None:
+        self._stage = stage
+        self._commit = commit
         self._limiter = limiter
         self._open: _Commit | None = None
         self._running = False
@@ -156,7 +160,9 @@ class GroupCommit:
                 self._running = True
                 written = False
                 try:
-                    await trio.to_thread.run_sync(self._apply, commit.batch, commit.now_ms, limiter=self._limiter)
+                    async with self._limiter:             # the store's one connection is ours
+                        if self._stage(commit.batch, commit.now_ms):
+                            await trio.to_thread.run_sync(self._commit)
                     written = True
                 except StoreError as exc:
                     commit.error = exc
@@ -193,7 +199,7 @@ class Client(ConnectionMixin, InboxMixin, BackgroundMixin, BackupMixin, VerifyMi
         self._lock = trio.Lock()                 # serialises every change of crypto state
         self._send_order = trio.Lock()           # send ops leave in encryption order (``_send_content``)
         self._store_limiter = trio.CapacityLimiter(1)
-        self._commits = GroupCommit(store.apply, self._store_limiter)
+        self._commits = GroupCommit(store.stage, store.commit_staged, self._store_limiter)
         self._rpc: RpcClient | None = None
         self._connected = trio.Event()
         self._event_send, self._event_receive = trio.open_memory_channel[Event](math.inf)

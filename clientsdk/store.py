@@ -11,14 +11,14 @@ same sessions (LESSONS #11), and a stolen store file must reveal nothing.
   identity (store id, table, row key) as associated data, so rows cannot be
   swapped between tables, keys or stores.  Row keys that would reveal metadata
   (contact names, device addresses, message ids) are keyed hashes.
-* The engine is synchronous; the trio client calls it through ``trio.to_thread``
-  once per batch (``apply``), never per message, and merges the batches queued
-  meanwhile into one (``Batch.merge``, ``clientsdk.client.GroupCommit``).  That
-  worker thread shares the GIL with the client's trio thread, and every C call that
-  releases the GIL (``os.urandom``, libsodium through cffi, ``hmac.digest``, each
-  SQLite step) costs up to a switch interval (5 ms) to get it back while the trio
-  thread is busy: the write path makes as few such calls as it can (see
-  ``_RowSealer``, ``apply``).
+* The engine is synchronous.  Writes come once per batch, never per message, and the
+  batches queued meanwhile merge into one (``Batch.merge``, ``clientsdk.client.GroupCommit``):
+  the client stages the rows on its trio thread and calls only the commit (the fsync)
+  through ``trio.to_thread``.  A worker thread shares the GIL with the trio thread,
+  and every C call that releases the GIL (``os.urandom``, libsodium through cffi,
+  ``hmac.digest``, each SQLite step) costs up to a switch interval (5 ms) to get it
+  back while the other thread is busy: the write path makes as few such calls as it
+  can (see ``_RowSealer``, ``stage``).
 
 Tables: ``meta`` (plaintext: schema version, KDF, store id, key check),
 ``kv`` (account, identity, master key, prekey store), ``sessions``, ``contacts``,
@@ -161,6 +161,7 @@ class Store:
         # kv values as last committed (or loaded): ``apply`` skips rewriting an unchanged one
         # (e.g. the whole prekey store after a received prekey message).
         self._kv_committed: dict[str, bytes] = {}
+        self._kv_staged: dict[str, bytes] = {}
         self._sealer = _RowSealer(key)
         self._raw: PoolProxiedConnection | None = None      # see ``_writer``
 
@@ -403,17 +404,25 @@ class Store:
     # -- writes --
 
     def apply(self, batch: Batch, now_ms: int = 0) -> None:
-        """Apply a batch in one transaction (fsynced: ``synchronous=FULL``).
+        """Apply a batch in one transaction (fsynced: ``synchronous=FULL``): ``stage`` + ``commit_staged``."""
+        if self.stage(batch, now_ms):
+            self.commit_staged()
 
-        On the hot path of every send and every received batch, so it talks to the
-        sqlite3 connection directly (SQLAlchemy's per-statement overhead was ~40 µs) and
-        writes each table's rows with one statement.  A kv value equal to the one last
-        committed is not written again.
+    def stage(self, batch: Batch, now_ms: int = 0) -> bool:
+        """Write a batch's rows into an open transaction, not committed yet; False if there is nothing to write.
+
+        The two halves of ``apply``.  Staging is cheap (no fsync; rows sealed, one
+        statement per table), so the client runs it on its trio thread and hops to a
+        worker thread only for ``commit_staged`` (the fsync): statements in a thread
+        each give up and retake the GIL the trio thread is using, ~0.1 ms of scheduler
+        work apiece under load.  Talks to the sqlite3 connection directly
+        (SQLAlchemy's per-statement overhead was ~40 µs).  A kv value equal to the one
+        last committed is not written again.  On an error the transaction is rolled back.
         """
         kv = {name: value for name, value in batch.kv.items() if self._kv_committed.get(name) != value}
         if not (kv or batch.deleted_sessions or batch.sessions or batch.contacts or batch.processed
                 or batch.messages):
-            return
+            return False
         try:
             db = self._writer()
             try:
@@ -437,12 +446,27 @@ class Store:
                                  [(self.row_id("processed", key), now_ms) for key in batch.processed])
                 if batch.messages:
                     self._insert_messages(db, batch.messages)
+            except BaseException:
+                db.rollback()
+                raise
+        except (SQLAlchemyError, sqlite3.Error) as exc:
+            raise _fail_db(exc) from None
+        self._kv_staged = kv
+        return True
+
+    def commit_staged(self) -> None:
+        """Commit what ``stage`` wrote (the fsync); on failure it is rolled back and nothing changed."""
+        try:
+            db = self._writer()
+            try:
                 db.commit()
             except BaseException:
                 db.rollback()
                 raise
         except (SQLAlchemyError, sqlite3.Error) as exc:
             raise _fail_db(exc) from None
+        finally:
+            kv, self._kv_staged = self._kv_staged, {}
         self._kv_committed.update(kv)
 
     def _writer(self) -> sqlite3.Connection:

@@ -10,6 +10,7 @@ when a prekey message was accepted.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import trio
 import trio.testing
@@ -46,13 +47,13 @@ async def test_concurrent_sends_share_commits_and_arrive_in_encryption_order(wor
     async with alice.connect(), bob.connect():
         await _greet(alice, bob)
         commits: list[int] = []
-        apply = alice._commits._apply
+        stage = alice._commits._stage
 
-        def counting(batch: Batch, now_ms: int) -> None:
+        def counting(batch: Batch, now_ms: int) -> bool:
             commits.append(len(batch.messages))
-            apply(batch, now_ms)
+            return stage(batch, now_ms)
 
-        alice._commits._apply = counting
+        alice._commits._stage = counting
         async with trio.open_nursery() as nursery:
             for i in range(16):
                 nursery.start_soon(alice.send, BOB, f"m{i:02d}")
@@ -200,6 +201,17 @@ async def test_accepted_prekey_message_updates_the_stored_prekeys(world):
 # --- GroupCommit on its own --------------------------------------------------------------
 
 
+def _group_commit(apply: Callable[[Batch, int], None]) -> GroupCommit:
+    """A GroupCommit whose commit step (the one in a worker thread) runs ``apply`` on the staged batch."""
+    staged: list[tuple[Batch, int]] = []
+
+    def stage(batch: Batch, now_ms: int) -> bool:
+        staged.append((batch, now_ms))
+        return True
+
+    return GroupCommit(stage, lambda: apply(*staged.pop()), trio.CapacityLimiter(1))
+
+
 async def test_group_commit_merges_what_queues_behind_a_running_commit():
     gate = threading.Event()
     written: list[list[str]] = []
@@ -209,7 +221,7 @@ async def test_group_commit_merges_what_queues_behind_a_running_commit():
             gate.wait(10)
         written.append(sorted(batch.processed))
 
-    commits = GroupCommit(apply, trio.CapacityLimiter(1))
+    commits = _group_commit(apply)
     async with trio.open_nursery() as nursery:
         for key in ("k1", "k2", "k3", "k4"):
             nursery.start_soon(commits.wait, commits.add(Batch(processed={key}), 1))
@@ -231,7 +243,7 @@ async def test_group_commit_failure_reaches_every_waiter_and_the_next_commit_wor
             raise StoreCorrupted("store file is unreadable (OperationalError)")
         written.append(sorted(batch.processed))
 
-    commits = GroupCommit(apply, trio.CapacityLimiter(1))
+    commits = _group_commit(apply)
     failed: list[str] = []
 
     async def waiter(key: str) -> None:
@@ -252,7 +264,7 @@ async def test_group_commit_failure_reaches_every_waiter_and_the_next_commit_wor
 
 async def test_a_cancelled_waiter_still_has_its_batch_written():
     written: list[list[str]] = []
-    commits = GroupCommit(lambda batch, now: written.append(sorted(batch.processed)), trio.CapacityLimiter(1))
+    commits = _group_commit(lambda batch, now: written.append(sorted(batch.processed)))
     with trio.CancelScope() as scope:
         scope.cancel()
         await commits.wait(commits.add(Batch(processed={"k"}), 1))
