@@ -56,7 +56,10 @@ def test_both_servers_are_measured_in_every_phase(result):
         assert set(phase) == PHASE | extra | {"origin", "destination", "servers_cpu_ms_per_msg"}
         for role in ("origin", "destination"):
             assert set(phase[role]) == SERVER_CPU
-            assert _positive(phase[role]["server_cpu_ms_per_msg"]), role
+            cpu = phase[role]["server_cpu_ms_per_msg"]
+            # CPU comes in clock ticks (10 ms): 60 closed-loop messages may cost a server less
+            # than one; the 2 s open loop never does.
+            assert _positive(cpu) if extra else (cpu == 0 or _positive(cpu)), role
         assert phase["servers_cpu_ms_per_msg"] == pytest.approx(
             phase["origin"]["server_cpu_ms_per_msg"] + phase["destination"]["server_cpu_ms_per_msg"], abs=2e-3)
     assert set(fed["server_rss_mb"]) == {"origin", "destination"}
