@@ -1,4 +1,4 @@
-"""The load side of the end-to-end benchmark: real SDK clients over WebSocket, all in this process.
+"""The load side of the end-to-end benchmark: real SDK clients over WebSocket (in a ``bench/_e2e_worker.py``).
 
 Every client is a ``clientsdk.client.Client`` with its own encrypted store file
 (SQLite, WAL, ``synchronous=FULL``) and its own WebSocket to the homeserver, used

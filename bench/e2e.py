@@ -1,12 +1,14 @@
 """End-to-end benchmark (issue 4, item 11): encrypted messages between SDK clients vs the opaque relay.
 
-This script is the load process; each homeserver (``python -m homeserver run`` on
-SQLite, WAL, synchronous=FULL) is a subprocess of it, started fresh per part:
+Each homeserver (``python -m homeserver run`` on SQLite, WAL, synchronous=FULL) is a
+subprocess of this script, started fresh per part:
 
-* ``relay`` -- ``bench/relay.py``'s lean load (hand-packed opaque ciphertexts) with the
-  same K, window and message count: the baseline ``relay_msgs_per_s``;
+* ``relay`` -- ``bench/relay.py``'s lean load (hand-packed opaque ciphertexts), run by
+  this script with the same K, window and message count: the baseline ``relay_msgs_per_s``;
 * ``e2e``   -- K pairs of real ``clientsdk`` clients (``bench/_e2e_load.py``), each with
-  its own WebSocket and encrypted store.  Sessions (PQXDH) are set up and confirmed
+  its own WebSocket and encrypted store, spread over ``--load-processes`` load
+  processes (``bench/_e2e_worker.py``, one per core by default) that this script
+  drives phase by phase (``LoadWorkers``).  Sessions (PQXDH) are set up and confirmed
   before timing.  Phase 1, closed loop: M messages, ``window`` ``send`` calls in
   flight per sender; a message counts once the server acknowledged it and the
   receiving client decrypted and durably stored it.  Phase 2, open loop: Poisson
@@ -15,36 +17,33 @@ SQLite, WAL, synchronous=FULL) is a subprocess of it, started fresh per part:
   every member device has emitted the message (median of a few sends).
 
 Prints one JSON object (fields: bench/README.md).  ``BENCH_PROFILE=DIR`` runs both
-servers under cProfile and profiles the e2e load (trio thread) into
-``DIR/e2e_load.prof``; each ``.prof`` gets a ``.txt`` summary.
+servers under cProfile and profiles each e2e load process (trio thread) into
+``DIR/e2e_load_<i>.prof``; each ``.prof`` gets a ``.txt`` summary.
 """
 
 from __future__ import annotations
 
 import argparse
-import cProfile
 import json
 import os
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import trio
 
 REPO = Path(__file__).resolve().parent.parent
 # Run as a script, bench/ is first on sys.path and bench/federation.py would shadow the
 # federation package: the repository root goes before it.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._e2e_load import E2ERun, Fleet, Pair, group_fanout
 from bench._machine import MachineRecord  # noqa: E402
 from bench._load import BenchError, PhaseStats, check_frames_canonical
 from bench.relay import (
-    CpuMeter,
     ServerProcess,
-    _bench_errors,
     _ratio,
     open_loop_fields,
     run_server,
@@ -55,28 +54,97 @@ TARGETS = {"ratio": 0.6}
 GROUP_FIELD = "group100_fanout_ms"
 
 
-class LoadMeter(CpuMeter):
-    """``CpuMeter`` plus the split of this process's CPU into the trio thread and store threads.
+class LoadWorkers:
+    """The e2e load processes (``bench/_e2e_worker.py``), each hosting a share of the K pairs.
 
-    The SDK hops to a worker thread for every store read and write; the split shows
-    whether the crypto/protocol work (trio thread) or the store (threads) dominates.
+    100 SDK clients in ONE Python process share one GIL: that process, not the SDK's
+    work, would bound the run while the other core idles.  Real clients each run in
+    their own process; on this machine ``--load-processes`` (default: one per core)
+    is as close as the cores allow.  Worker 0 also hosts the group (admin + members).
     """
 
-    def __init__(self, server: ServerProcess) -> None:
-        super().__init__(server)
-        self.trio_start = time.thread_time()
+    def __init__(self, server: ServerProcess, args: argparse.Namespace, workdir: Path,
+                 profile_dir: Path | None) -> None:
+        count = max(1, min(args.load_processes, args.pairs))
+        self.pairs = [args.pairs // count + (1 if i < args.pairs % count else 0) for i in range(count)]
+        self.procs: list[subprocess.Popen[str]] = []
+        self.logs = [workdir / f"e2e-load-{i}.log" for i in range(count)]
+        env = dict(os.environ)
+        env.pop("BENCH_PROFILE", None)
+        if profile_dir is not None:
+            env["BENCH_PROFILE"] = str(profile_dir)
+        for i, k in enumerate(self.pairs):
+            config = {"index": i, "url": server.url, "directory": str(workdir / f"clients-{i}"), "pairs": k,
+                      "window": args.window, "text_bytes": args.text_bytes, "seed": args.seed,
+                      "group_devices": args.group_devices if i == 0 else 0}
+            with open(self.logs[i], "wb") as err:
+                self.procs.append(subprocess.Popen(
+                    [sys.executable, str(REPO / "bench" / "_e2e_worker.py"), json.dumps(config)],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO, env=env))
+        self.clients = sum(self._read(i)["clients"] for i in range(count))
 
-    def summary(self, stats: PhaseStats) -> dict[str, Any]:
-        load_cpu = time.process_time() - self.load_start
-        trio_cpu = time.thread_time() - self.trio_start
-        out = super().summary(stats)
-        elapsed = stats.finished - stats.started
-        if elapsed > 0:
-            out["load_trio_thread_cpu_pct"] = round(100 * trio_cpu / elapsed, 1)
-            out["load_store_threads_cpu_pct"] = round(100 * (load_cpu - trio_cpu) / elapsed, 1)
-        if stats.expected:
-            out["load_cpu_ms_per_msg"] = round(1000 * load_cpu / stats.expected, 3)
-        return out
+    def _read(self, i: int) -> dict[str, Any]:
+        line = self.procs[i].stdout.readline() if self.procs[i].stdout else ""
+        answer = json.loads(line) if line.strip() else {"error": "the load process ended"}
+        if "error" in answer:
+            tail = "\n".join(self.logs[i].read_text(errors="replace").splitlines()[-20:])
+            raise BenchError(f"load process {i}: {answer['error']}\n{tail}")
+        return answer
+
+    def command(self, commands: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+        """Send each worker its command (all written before any answer is read); the answers, in order."""
+        for i, command in commands.items():
+            stdin = self.procs[i].stdin
+            if stdin is not None:
+                stdin.write(json.dumps(command) + "\n")
+                stdin.flush()
+        return [self._read(i) for i in commands]
+
+    def shares(self, total: float) -> list[float]:
+        """``total`` (messages, msgs/s) split over the workers in proportion to their pairs."""
+        return [total * k / sum(self.pairs) for k in self.pairs]
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            try:
+                if proc.poll() is None and proc.stdin is not None:
+                    proc.stdin.write(json.dumps({"cmd": "stop"}) + "\n")
+                    proc.stdin.close()
+            except (BrokenPipeError, OSError):
+                pass
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def phase_fields(answers: list[dict[str, Any]], messages: int, server: ServerProcess,
+                 server_before: tuple[float, float]) -> dict[str, Any]:
+    """One phase over every load process: ``relay.py``'s CPU fields plus the load's CPU split."""
+    elapsed = max(a["finished"] for a in answers) - min(a["started"] for a in answers)
+    total, main = server.cpu_seconds()
+    server_cpu, main_cpu = total - server_before[0], main - server_before[1]
+    load_cpu = sum(a["cpu_s"] for a in answers)
+    trio_cpu = sum(a["trio_cpu_s"] for a in answers)
+
+    def pct(seconds: float) -> float | None:
+        return round(100 * seconds / elapsed, 1) if elapsed > 0 else None
+
+    return {
+        "messages": messages,
+        "elapsed_s": round(elapsed, 3),
+        "msgs_per_s": round(messages / elapsed, 1) if elapsed > 0 else 0.0,
+        "server_cpu_ms_per_msg": round(1000 * server_cpu / messages, 3) if messages else None,
+        "server_cpu_pct": pct(server_cpu),
+        "server_main_thread_cpu_pct": pct(main_cpu),
+        "server_worker_threads_cpu_pct": pct(server_cpu - main_cpu),
+        "load_cpu_pct": pct(load_cpu),
+        "load_trio_thread_cpu_pct": pct(trio_cpu),
+        "load_store_threads_cpu_pct": pct(load_cpu - trio_cpu),
+        "load_cpu_ms_per_msg": round(1000 * load_cpu / messages, 3) if messages else None,
+    }
 
 
 def _summary_text(profile: Path) -> None:
@@ -94,67 +162,65 @@ def _log(message: str) -> None:
     print(f"[bench] e2e: {message}", file=sys.stderr, flush=True)
 
 
-async def measure_e2e(server: ServerProcess, args: argparse.Namespace, clients_dir: Path) -> dict[str, Any]:
-    """Register and connect every client, warm up, run the three phases, return the numbers."""
-    setup_started = trio.current_time()
-    async with trio.open_nursery() as nursery:
-        fleet = Fleet(server.url, clients_dir)
-        k = args.pairs
-        clients = await fleet.start(nursery, [f"s{i:03d}" for i in range(k)] + [f"r{i:03d}" for i in range(k)])
-        pairs = [Pair(clients[i], clients[k + i]) for i in range(k)]
-        extra = max(0, args.group_devices - len(clients))
-        members = clients[:args.group_devices] + await fleet.start(nursery, [f"g{i:03d}" for i in range(extra)])
-        (group_sender,) = await fleet.start(nursery, ["admin"])
-        run = E2ERun(fleet, pairs, args.window, args.text_bytes, args.seed)
-        await run.warm_up()
-        _log(f"{len(fleet.clients)} clients connected, sessions ready in {trio.current_time() - setup_started:.1f} s")
+def measure_e2e(server: ServerProcess, args: argparse.Namespace, workers: LoadWorkers) -> dict[str, Any]:
+    """The three phases over the load processes (clients connected and warmed up)."""
+    before = server.cpu_seconds()
+    closed = workers.command({i: {"cmd": "closed", "messages": n}
+                              for i, n in enumerate(_split(args.messages, workers.pairs))})
+    result: dict[str, Any] = {"closed_loop": phase_fields(closed, args.messages, server, before)}
+    _log(f"closed loop {json.dumps(result['closed_loop'])}")
 
-        meter = LoadMeter(server)
-        closed = await run.closed_loop(args.messages)
-        result: dict[str, Any] = {"closed_loop": meter.summary(closed)}
-        _log(f"closed loop {json.dumps(result['closed_loop'])}")
+    rate = 0.5 * result["closed_loop"]["msgs_per_s"]
+    before = server.cpu_seconds()
+    answers = workers.command({i: {"cmd": "open", "rate": share, "seconds": args.open_loop_seconds}
+                               for i, share in enumerate(workers.shares(rate))})
+    issued = sum(a["issued"] for a in answers)
+    stats = PhaseStats(expected=issued, issued=issued, latencies=[x for a in answers for x in a["latencies"]])
+    result["open_loop"] = {**phase_fields(answers, issued, server, before),
+                           **open_loop_fields(rate, stats, args.open_loop_seconds)}
+    _log(f"open loop {json.dumps(result['open_loop'])}")
 
-        rate = 0.5 * result["closed_loop"]["msgs_per_s"]
-        meter = LoadMeter(server)
-        stats = await run.open_loop(rate, args.open_loop_seconds)
-        result["open_loop"] = {**meter.summary(stats), **open_loop_fields(rate, stats, args.open_loop_seconds)}
-        _log(f"open loop {json.dumps(result['open_loop'])}")
-
-        group = await group_fanout(fleet, group_sender, members, args.group_sends)
-        result["group"] = {
-            "member_devices": group.devices, "users": group.devices, "devices_per_user": 1,
-            "median_ms": round(group.median_ms, 2), "sends_ms": [round(t, 2) for t in group.fanout_ms],
-            "first_send_ms": round(group.first_send_ms, 2), "setup_s": round(group.setup_s, 2),
-        }
-        _log(f"group {json.dumps(result['group'])}")
-        result["clients"] = len(fleet.clients)
-        fleet.stop.set()
+    (group,) = workers.command({0: {"cmd": "group", "sends": args.group_sends}})
+    fanout = group["fanout_ms"]
+    result["group"] = {
+        "member_devices": group["devices"], "users": group["devices"], "devices_per_user": 1,
+        "median_ms": round(statistics.median(fanout), 2), "sends_ms": [round(t, 2) for t in fanout],
+        "first_send_ms": round(group["first_send_ms"], 2), "setup_s": round(group["setup_s"], 2),
+    }
+    _log(f"group {json.dumps(result['group'])}")
+    result["clients"] = workers.clients
+    result["load_processes"] = len(workers.procs)
     return result
+
+
+def _split(total: int, weights: list[int]) -> list[int]:
+    """``total`` split in proportion to ``weights``, in whole numbers that add up to ``total``."""
+    shares = [total * w // sum(weights) for w in weights]
+    for i in range(total - sum(shares)):
+        shares[i] += 1
+    return shares
 
 
 def run_e2e(workdir: Path, profile_dir: Path | None, args: argparse.Namespace) -> dict[str, Any]:
     print("[bench] e2e: starting", file=sys.stderr, flush=True)
     config = write_config(workdir / "e2e-server")
     server = ServerProcess("e2e", ["-m", "homeserver", "run", "--config", str(config)], workdir, profile_dir)
-    profiler = cProfile.Profile() if profile_dir is not None else None
     with server:
+        started = time.monotonic()
+        workers = LoadWorkers(server, args, workdir, profile_dir)
         try:
-            if profiler is not None:
-                profiler.enable()
-            result = trio.run(measure_e2e, server, args, workdir / "clients")
-        except BaseException as exc:
-            bench_errors = _bench_errors(exc)
-            if bench_errors:
-                raise BenchError(f"e2e: {bench_errors[0]}\ne2e server log tail:\n{server.log_tail()}") from None
-            raise
+            _log(f"{workers.clients} clients in {len(workers.procs)} load processes connected, "
+                 f"sessions ready in {time.monotonic() - started:.1f} s")
+            result = measure_e2e(server, args, workers)
+        except BenchError as exc:
+            raise BenchError(f"e2e: {exc}\ne2e server log tail:\n{server.log_tail()}") from None
         finally:
-            if profiler is not None:
-                profiler.disable()
+            workers.stop()
         result["server_rss_mb"] = server.rss_mb()
     server.write_profile_summary()
-    if profiler is not None and profile_dir is not None:
-        profiler.dump_stats(str(profile_dir / "e2e_load.prof"))
-        _summary_text(profile_dir / "e2e_load.prof")
+    if profile_dir is not None:
+        for prof in sorted(profile_dir.glob("e2e_load_*.prof")):
+            _summary_text(prof)
     return result
 
 
@@ -170,13 +236,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--group-devices", type=int, default=100, help="member devices of the group (default 100)")
     parser.add_argument("--group-sends", type=int, default=5, help="timed group sends (default 5)")
     parser.add_argument("--seed", type=int, default=1, help="seed of padding and Poisson arrivals")
+    parser.add_argument("--load-processes", type=int, default=os.cpu_count() or 1,
+                        help="processes the e2e clients are spread over (default: one per core)")
     parser.add_argument("--data-dir", default=None, help="parent of the temporary directory (servers and stores)")
     args = parser.parse_args(argv)
     if args.pairs < 1 or args.messages < args.pairs or args.window < 1 or args.payload < 8 \
             or args.open_loop_seconds <= 0 or args.group_devices < 1 or args.group_sends < 1 \
-            or args.text_bytes < 0:
+            or args.text_bytes < 0 or args.load_processes < 1:
         parser.error("need pairs >= 1, messages >= pairs, window >= 1, payload >= 8, open-loop-seconds > 0, "
-                     "group-devices >= 1, group-sends >= 1, text-bytes >= 0")
+                     "group-devices >= 1, group-sends >= 1, text-bytes >= 0, load-processes >= 1")
     return args
 
 
@@ -217,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             "text_bytes": args.text_bytes, "relay_payload_bytes": args.payload,
             "open_loop_seconds": args.open_loop_seconds, "open_loop_rate": e2e["open_loop"]["offered_msgs_per_s"],
             "group_devices": args.group_devices, "group_sends": args.group_sends, "seed": args.seed,
+            "load_processes": e2e["load_processes"],
         },
         "e2e": {
             "closed_loop": e2e["closed_loop"], "open_loop": e2e["open_loop"], "group": e2e["group"],

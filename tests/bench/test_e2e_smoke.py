@@ -17,7 +17,7 @@ TOP_LEVEL = ("e2e_msgs_per_s", "p50_ms", "p99_ms", "group100_fanout_ms", "relay_
 def result():
     proc = subprocess.run(
         [sys.executable, "bench/e2e.py", "--pairs", "2", "--messages", "40", "--open-loop-seconds", "1",
-         "--group-devices", "3", "--group-sends", "2"],
+         "--group-devices", "3", "--group-sends", "2", "--load-processes", "2"],
         cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout)      # exactly one JSON object, nothing else on stdout
@@ -49,5 +49,7 @@ def test_every_message_and_group_device_counted(result):
     group = result["e2e"]["group"]
     assert group["member_devices"] == 3 and len(group["sends_ms"]) == 2
     assert result["group100_fanout_ms"] == pytest.approx(statistics.median(group["sends_ms"]), abs=0.01)
-    assert result["e2e"]["clients"] == 5                   # 2 pairs (also the group members) + the group's admin
+    assert params["load_processes"] == 2
+    # one pair per load process; the first also hosts the group: its pair + 1 more member + the admin
+    assert result["e2e"]["clients"] == 2 + 2 + 1 + 1
     assert len(result["machine"]["loadavg_start"]) == 3
