@@ -46,6 +46,7 @@ from bench.relay import (
     ServerProcess,
     _ratio,
     open_loop_fields,
+    phase_cpu_fields,
     run_server,
     write_config,
 )
@@ -125,26 +126,14 @@ def phase_fields(answers: list[dict[str, Any]], messages: int, server: ServerPro
     """One phase over every load process: ``relay.py``'s CPU fields plus the load's CPU split."""
     elapsed = max(a["finished"] for a in answers) - min(a["started"] for a in answers)
     total, main = server.cpu_seconds()
-    server_cpu, main_cpu = total - server_before[0], main - server_before[1]
     load_cpu = sum(a["cpu_s"] for a in answers)
     trio_cpu = sum(a["trio_cpu_s"] for a in answers)
-
-    def pct(seconds: float) -> float | None:
-        return round(100 * seconds / elapsed, 1) if elapsed > 0 else None
-
-    return {
-        "messages": messages,
-        "elapsed_s": round(elapsed, 3),
-        "msgs_per_s": round(messages / elapsed, 1) if elapsed > 0 else 0.0,
-        "server_cpu_ms_per_msg": round(1000 * server_cpu / messages, 3) if messages else None,
-        "server_cpu_pct": pct(server_cpu),
-        "server_main_thread_cpu_pct": pct(main_cpu),
-        "server_worker_threads_cpu_pct": pct(server_cpu - main_cpu),
-        "load_cpu_pct": pct(load_cpu),
-        "load_trio_thread_cpu_pct": pct(trio_cpu),
-        "load_store_threads_cpu_pct": pct(load_cpu - trio_cpu),
-        "load_cpu_ms_per_msg": round(1000 * load_cpu / messages, 3) if messages else None,
-    }
+    fields = phase_cpu_fields(messages, elapsed, total - server_before[0], main - server_before[1], load_cpu)
+    if elapsed > 0:
+        fields["load_trio_thread_cpu_pct"] = round(100 * trio_cpu / elapsed, 1)
+        fields["load_store_threads_cpu_pct"] = round(100 * (load_cpu - trio_cpu) / elapsed, 1)
+    fields["load_cpu_ms_per_msg"] = round(1000 * load_cpu / messages, 3) if messages else None
+    return fields
 
 
 def _summary_text(profile: Path) -> None:

@@ -173,24 +173,28 @@ class CpuMeter:
 
     def summary(self, stats: PhaseStats) -> dict[str, Any]:
         total, main = self.server.cpu_seconds()
-        server_cpu, main_cpu = total - self.server_start, main - self.main_start
-        load_cpu = time.process_time() - self.load_start
-        elapsed = stats.finished - stats.started
-        count = stats.expected or 0
+        return phase_cpu_fields(stats.expected or 0, stats.finished - stats.started,
+                                total - self.server_start, main - self.main_start,
+                                time.process_time() - self.load_start)
 
-        def pct(seconds: float) -> float | None:
-            return round(100 * seconds / elapsed, 1) if elapsed > 0 else None
 
-        return {
-            "messages": count,
-            "elapsed_s": round(elapsed, 3),
-            "msgs_per_s": round(count / elapsed, 1) if elapsed > 0 else 0.0,
-            "server_cpu_ms_per_msg": round(1000 * server_cpu / count, 3) if count else None,
-            "server_cpu_pct": pct(server_cpu),
-            "server_main_thread_cpu_pct": pct(main_cpu),
-            "server_worker_threads_cpu_pct": pct(server_cpu - main_cpu),
-            "load_cpu_pct": pct(load_cpu),
-        }
+def phase_cpu_fields(messages: int, elapsed: float, server_cpu: float, main_cpu: float,
+                     load_cpu: float) -> dict[str, Any]:
+    """A phase's rate and where its CPU went (seconds in; % of one core and ms per message out)."""
+
+    def pct(seconds: float) -> float | None:
+        return round(100 * seconds / elapsed, 1) if elapsed > 0 else None
+
+    return {
+        "messages": messages,
+        "elapsed_s": round(elapsed, 3),
+        "msgs_per_s": round(messages / elapsed, 1) if elapsed > 0 else 0.0,
+        "server_cpu_ms_per_msg": round(1000 * server_cpu / messages, 3) if messages else None,
+        "server_cpu_pct": pct(server_cpu),
+        "server_main_thread_cpu_pct": pct(main_cpu),
+        "server_worker_threads_cpu_pct": pct(server_cpu - main_cpu),
+        "load_cpu_pct": pct(load_cpu),
+    }
 
 
 def open_loop_fields(rate: float, stats: PhaseStats, seconds: float) -> dict[str, Any]:
