@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -72,17 +72,18 @@ class BackgroundMixin:
     _work_ready: trio.Event
     _send_receipts: bool
 
-    def _emit(self, event: Event) -> None: ...                                         # provided by Client
+    if TYPE_CHECKING:   # provided by Client (stubs here would shadow them in the MRO)
+        def _emit(self, event: Event) -> None: ...
 
-    async def _persist(self, batch: Batch) -> None: ...                                  # provided by Client
+        async def _persist(self, batch: Batch) -> None: ...
 
-    async def _wait_rpc(self) -> RpcClient: ...                                          # provided by Client
+        async def _wait_rpc(self) -> RpcClient: ...
 
-    async def _device_list(self, rpc: RpcClient, user: str, *, force: bool = False,
-                           have_lock: bool = False) -> VerifiedDeviceList: ...            # provided by Client
+        async def _device_list(self, rpc: RpcClient, user: str, *, force: bool = False,
+                               have_lock: bool = False) -> VerifiedDeviceList: ...
 
-    def _send_content(self, recipients: list[str], template: Content, *, ephemeral: bool = False,
-                      history: HistoryEntry | None = None) -> Awaitable[None]: ...       # provided by Client
+        async def _send_content(self, recipients: list[str], template: Content, *, ephemeral: bool = False,
+                                history: HistoryEntry | None = None) -> None: ...
 
     def _template(self, kind: str, *, refs: Iterable[str] = (), state: str = "", text: str = "") -> Content:
         return Content(kind, _new_id(), "", text, self._clock(), 0, bytes(32), tuple(refs), state)

@@ -21,7 +21,7 @@ import argparse
 import getpass
 import os
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import NoReturn, TextIO
 
@@ -520,7 +520,8 @@ def _describe(exc: BaseException) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return trio.run(args.run, args)
+        run: Callable[[argparse.Namespace], Awaitable[int]] = args.run     # a cmd_* function (set_defaults)
+        return trio.run(run, args)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BaseException as exc:

@@ -478,7 +478,7 @@ class HistoryMixin:
     def _import_contact(self, item: dict[str, Any], batch: Batch) -> bool:
         """Take the master device's trust decision for a contact (its pin wins over a fresh TOFU of mine)."""
         try:
-            user = str(UserAddress.parse(item.get("user")))
+            user = str(UserAddress.parse(field(item, "user", str)))     # missing or not a str: ProtocolError
             incoming = Contact.from_record(user, {k: v for k, v in item.items() if k != "user"})
         except (ProtocolError, StoreCorrupted):
             log.info("a contact in a history chunk does not parse")

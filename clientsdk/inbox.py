@@ -61,15 +61,16 @@ class InboxMixin:
     _prekeys_changed = False          # a prekey message was accepted since the prekey store was last stored
     _live_after: tuple[RpcClient, int] | None = None    # (connection, seq of its backlog_done push)
 
-    def _emit(self, event: Event) -> None: ...                     # provided by Client
+    if TYPE_CHECKING:   # a stub here would shadow the real method (of Client or a mixin that follows in the MRO)
+        # Client
+        def _emit(self, event: Event) -> None: ...
 
-    async def _persist(self, batch: Batch) -> None: ...              # provided by Client
+        async def _persist(self, batch: Batch) -> None: ...
 
-    async def _device_list(self, rpc: RpcClient, user: str, *, force: bool = False,
-                           have_lock: bool = False) -> VerifiedDeviceList: ...   # provided by Client
+        async def _device_list(self, rpc: RpcClient, user: str, *, force: bool = False,
+                               have_lock: bool = False) -> VerifiedDeviceList: ...
 
-    if TYPE_CHECKING:   # a stub here would shadow the real method of the mixin that follows in the MRO
-        def _queue_delivery_receipts(self, events: list[Event]) -> None: ...
+        def _queue_delivery_receipts(self, events: list[Event]) -> None: ...       # clientsdk.background
 
         async def _receive_group_message(self, sender: DeviceAddress, ciphertext: bytes,
                                          batch: Batch) -> list[Event]: ...          # clientsdk.groups

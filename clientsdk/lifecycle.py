@@ -8,21 +8,27 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import trio
 
+from clientsdk.account import ClientOptions
 from clientsdk.connection import CLOSE_REPLACED, CLOSE_REVOKED, Connector
 from clientsdk.crypto.identity import (
-    needs_resign, resign_device_list,
+    DeviceIdentity, MasterKey, PrekeyStore, VerifiedDeviceList, needs_resign, resign_device_list,
 )
+from clientsdk.devicelists import ContactBook
 from clientsdk.errors import NotConnected, SdkError, SendFailed
-from clientsdk.events import ConnectionChanged, MessageReceived, SecurityEvent
+from clientsdk.events import ConnectionChanged, Event, MessageReceived, SecurityEvent
 from clientsdk.resets import KV_NAME as RESETS_KV
-from clientsdk.store import Batch
+from clientsdk.resets import ResetBook
+from clientsdk.store import Batch, Store
 from clientsdk.upkeep import plan_prekey_upload
 from federation import signing
+from federation.addresses import DeviceAddress
 from federation.errors import SecureChatError
+from federation.frames import Push
+from federation.keys import SignedDeviceList
 from federation.rpc import RemoteError, RpcClient, open_rpc
 from federation.signing import Purpose
 from federation.transport import TransportClosed
@@ -47,6 +53,55 @@ def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
 
 class ConnectionMixin:
     """Connection lifecycle of ``Client`` (state is the ``Client``'s own attributes)."""
+
+    user: str
+    address: DeviceAddress
+    revoked: bool
+    _identity: DeviceIdentity
+    _master: MasterKey | None
+    _prekeys: PrekeyStore
+    _book: ContactBook
+    _store: Store
+    _lock: trio.Lock
+    _store_limiter: trio.CapacityLimiter
+    _clock: Callable[[], int]
+    _options: ClientOptions
+    _connector: Connector | None
+    _rpc: RpcClient | None
+    _connected: trio.Event
+    _running: bool
+    _stopping: bool
+    _auth_state: str
+    _resets: ResetBook
+    _receipts_due: dict[str, list[str]]
+    _work_ready: trio.Event
+
+    if TYPE_CHECKING:   # this mixin comes first in the MRO: a stub here would shadow the real method
+        # Client
+        def _emit(self, event: Event) -> None: ...
+
+        async def _persist(self, batch: Batch) -> None: ...
+
+        async def _device_list(self, rpc: RpcClient, user: str, *, force: bool = False,
+                               have_lock: bool = False) -> VerifiedDeviceList: ...
+
+        async def _publish_own_list(self, rpc: RpcClient, signed: SignedDeviceList) -> None: ...
+
+        # clientsdk.inbox
+        async def _handle_envelopes(self, rpc: RpcClient, pushes: list[Any]) -> None: ...
+
+        def _note_backlog_end(self, rpc: RpcClient, seq: object) -> None: ...
+
+        # clientsdk.background
+        async def _background_sends(self) -> None: ...
+
+        # clientsdk.groups
+        async def _group_background(self) -> None: ...
+
+        def _backlog_reached(self, rpc: RpcClient) -> None: ...
+
+        # clientsdk.repair
+        async def _on_delivery_report(self, rpc: RpcClient, fields: dict[str, Any]) -> None: ...
 
     @asynccontextmanager
     async def connect(self, connector: Connector | None = None) -> AsyncIterator[Self]:
@@ -219,7 +274,7 @@ class ConnectionMixin:
             else:
                 await self._handle_push(rpc, push)
 
-    async def _handle_push(self, rpc: RpcClient, push: Any) -> None:
+    async def _handle_push(self, rpc: RpcClient, push: Push) -> None:
         fields = push.fields
         if push.kind == "prekeys_low":
             await self._top_up_prekeys(rpc, int(fields.get("one_time", 0)))

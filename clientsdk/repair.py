@@ -30,7 +30,7 @@ from federation.rpc import RemoteError, RpcClient
 from federation.validate import field, require_map
 
 if TYPE_CHECKING:
-    from clientsdk.devicelists import VerifiedDeviceList
+    from clientsdk.crypto.identity import VerifiedDeviceList
 
 log = logging.getLogger("securechat.sdk.repair")
 RECENT_SENDS = 1_000

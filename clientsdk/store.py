@@ -35,7 +35,7 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import nacl.bindings
 import nacl.exceptions
@@ -310,7 +310,8 @@ class Store:
             return set()
         try:
             with self._engine.connect() as conn:
-                found = _present(conn.connection.driver_connection, "processed", list(wanted))
+                db = cast(sqlite3.Connection, conn.connection.driver_connection)    # a pysqlite engine
+                found = _present(db, "processed", list(wanted))
         except (SQLAlchemyError, sqlite3.Error) as exc:
             raise _fail_db(exc) from None
         return {wanted[rid] for rid in found}

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import trio
 
@@ -290,7 +290,7 @@ class Runner:
                 check(answer.get("missing") == [], f"claim reported missing devices {answer.get('missing')}")
                 bundles = answer.get("bundles")
                 check(isinstance(bundles, list) and len(bundles) == 1, "claim did not return exactly one bundle")
-                bundle = PrekeyBundle.from_wire(bundles[0])
+                bundle = PrekeyBundle.from_wire(cast(list[Any], bundles)[0])   # checked just above
                 bundle.verify()
                 check(bundle.device == bob.address, f"bundle is for {bundle.device}")
                 seen.append(None if bundle.one_time_prekey is None else bundle.one_time_prekey.key_id)

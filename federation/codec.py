@@ -157,7 +157,7 @@ def encode(obj: Any, limits: Limits = DEFAULT_LIMITS) -> bytes:
         canonical = _plain(obj, 0, [limits.max_items], limits)
     except _NotPlain:
         canonical = _canonical(obj, 0, [limits.max_items], limits)
-    data = msgpack.packb(canonical, use_bin_type=True)
+    data: bytes = msgpack.packb(canonical, use_bin_type=True)
     if len(data) > limits.max_bytes:
         raise _reject("encoded object too large", ErrorCode.TOO_LARGE)
     return data

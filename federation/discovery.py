@@ -22,10 +22,10 @@ import binascii
 import json
 import re
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterator, Mapping
 from contextlib import aclosing, contextmanager
 from dataclasses import dataclass
-from typing import Any, Self
+from typing import Any, Self, cast
 from urllib.parse import SplitResult, urlsplit
 
 import httpx
@@ -136,7 +136,7 @@ def _get(obj: Mapping[str, Any], name: str, kind: type, *, optional: bool = Fals
 
 
 def _url(obj: Mapping[str, Any], name: str, schemes: tuple[str, ...], *, optional: bool = False) -> str | None:
-    value = _get(obj, name, str, optional=optional)
+    value: str | None = _get(obj, name, str, optional=optional)
     if value is None:
         return None
     parts = _split_url(value) if len(value) <= MAX_URL_LENGTH and value.isascii() else None
@@ -414,7 +414,9 @@ class Discovery:
                     raise DiscoveryError(f"discovery of {domain} failed with HTTP {response.status_code}")
                 chunks = []
                 size = 0
-                async with aclosing(response.aiter_bytes()) as stream:   # closed even when we stop early
+                # aiter_bytes() is an async generator (it has aclose()); httpx annotates it AsyncIterator.
+                chunk_iter = cast(AsyncGenerator[bytes, None], response.aiter_bytes())
+                async with aclosing(chunk_iter) as stream:   # closed even when we stop early
                     async for chunk in stream:
                         size += len(chunk)
                         if size > MAX_DOCUMENT_BYTES:

@@ -22,7 +22,7 @@ from typing import Any
 
 import trio
 import trio_websocket
-from wsproto import ConnectionState
+from wsproto.connection import ConnectionState
 from wsproto.events import BytesMessage
 
 CLOSE_NORMAL = 1000

@@ -174,7 +174,7 @@ class Homeserver:
 
     async def health(self) -> dict[str, Any]:
         counts = await self.storage.mailboxes.counts()
-        health = {"status": "draining" if self.mailbox.draining else "ok", "domain": self.config.domain,
+        health: dict[str, Any] = {"status": "draining" if self.mailbox.draining else "ok", "domain": self.config.domain,
                   "connections": len(self.sessions), "mailbox": counts,
                   "uptime_s": (self.clock() - self.started_ms) // 1000}
         if self.federation is not None:

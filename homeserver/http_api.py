@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope
+from hypercorn.typing import Scope as Scope
 
 from federation import codec
 from federation.link_server import http_federation_app_handler
@@ -24,9 +26,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("securechat.http")
 FEDERATION_PREFIX = "/_securechat/federation/"
 
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
+# hypercorn's ASGI TypedDicts (``Scope`` is the union of http/websocket/lifespan scopes).
+Receive = ASGIReceiveCallable
+Send = ASGISendCallable
 
 
 def discovery_document(hs: Homeserver) -> dict[str, Any]:
@@ -76,7 +78,7 @@ def make_app(hs: Homeserver) -> Callable[[Scope, Receive, Send], Awaitable[None]
     return app
 
 
-async def _federation(hs: Homeserver, scope: Scope, receive: Receive, send: Send) -> None:
+async def _federation(hs: Homeserver, scope: HTTPScope, receive: Receive, send: Send) -> None:
     """HTTP federation (``transport = "http"``): the signed frame is the body, msgpack answers."""
     if hs.federation is None:
         status, reply = 404, codec.encode({"error": {"code": "not_found", "message": "federation is disabled"}})
@@ -90,7 +92,7 @@ async def _federation(hs: Homeserver, scope: Scope, receive: Receive, send: Send
                                                               f"{client[0]}:{client[1]}")
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/msgpack"), (b"content-length", str(len(reply)).encode())]})
-    await send({"type": "http.response.body", "body": reply})
+    await send({"type": "http.response.body", "body": reply, "more_body": False})
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes | None:
@@ -115,7 +117,7 @@ async def _json(send: Send, status: int, body: dict[str, Any]) -> None:
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
                             (b"cache-control", b"no-store")]})
-    await send({"type": "http.response.body", "body": data})
+    await send({"type": "http.response.body", "body": data, "more_body": False})
 
 
 async def serve_http(hs: Homeserver, host: str, port: int, stop: trio.Event, *,

@@ -386,14 +386,14 @@ class RatchetState:
             if not all(_is_key(k) for k in old) or len(old) > MAX_OLD_RATCHET_KEYS \
                     or len(skipped) > MAX_SKIPPED_KEYS:
                 raise MalformedMessage("malformed ratchet state")
-            counters = [non_negative(field(state, name, int), name) for name in ("ns", "nr", "pn")]
-            if max(counters) > _MAX_COUNTER:
+            ns, nr, pn = (non_negative(field(state, name, int), name) for name in ("ns", "nr", "pn"))
+            if max(ns, nr, pn) > _MAX_COUNTER:
                 raise MalformedMessage("malformed ratchet state: counter out of range")
             return cls(
                 field(state, "dhs", bytes, length=32), field(state, "dhs_pub", bytes, length=32),
                 _optional_key(state, "dhr"), field(state, "rk", bytes, length=32),
                 _optional_key(state, "cks"), _optional_key(state, "ckr"),
-                *counters, skipped, old)
+                ns, nr, pn, skipped, old)
         except ProtocolError as exc:
             raise MalformedMessage(f"malformed ratchet state: {exc.message}") from None
 

@@ -121,8 +121,8 @@ def generate() -> dict[str, dict[str, Any]]:
              error="UnsupportedVersion"),
     ]
     for kind in EnvelopeKind:
-        forged = (envelope(EnvelopeKind.MESSAGE, 3, "alice@example.org/ALICEPHON2"),
-                  envelope(kind, 9, "mallory@example.com", label="forged"))
+        forged: tuple[Envelope, ...] = (envelope(EnvelopeKind.MESSAGE, 3, "alice@example.org/ALICEPHON2"),
+                                        envelope(kind, 9, "mallory@example.com", label="forged"))
         if kind is EnvelopeKind.MESSAGE:
             forged = (envelope(kind, 9, "mallory@example.com/MALLORYPH2", label="forged"),)
         cases.append(case(f"forged origin: {kind.value} envelope from another domain's user",

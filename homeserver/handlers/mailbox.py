@@ -273,16 +273,16 @@ class MailboxHandler:
                     stale[user] = {"missing": missing, "extra": extra, "revoked": []}
                 continue
             own = user == session.user
-            devices = own_devices if own else await self.directory.devices_of(user)
-            if not devices:
+            user_devices = own_devices if own else await self.directory.devices_of(user)
+            if not user_devices:
                 raise RequestRejected(f"no such user {user}", code=ErrorCode.NOT_FOUND)
-            required = {i for i, d in devices.items() if d.state is DeviceState.ACTIVE}
+            required = {i for i, d in user_devices.items() if d.state is DeviceState.ACTIVE}
             allowed = set(required)
             if own:
                 required.discard(session.device_id or "")
-                allowed = required | {i for i, d in devices.items() if d.state is DeviceState.PENDING}
+                allowed = required | {i for i, d in user_devices.items() if d.state is DeviceState.PENDING}
             missing = [] if repair else sorted(required - given)
-            revoked = sorted(i for i in given if i in devices and devices[i].state is DeviceState.REVOKED)
+            revoked = sorted(i for i in given if i in user_devices and user_devices[i].state is DeviceState.REVOKED)
             extra = sorted(given - allowed - set(revoked))
             if missing or extra or revoked:
                 stale[user] = {"missing": missing, "extra": extra, "revoked": revoked}
@@ -405,11 +405,11 @@ class MailboxHandler:
                     raise ProtocolError("a payload names a device outside the envelope's recipients")
                 given_by_user[str(address.user)].add(address.device_id)
         for user in sorted(users):
-            devices = await self.directory.devices_of(user)
-            active = {i for i, d in devices.items() if d.state is DeviceState.ACTIVE}
+            user_devices = await self.directory.devices_of(user)
+            active = {i for i, d in user_devices.items() if d.state is DeviceState.ACTIVE}
             given = given_by_user.get(user, set())
             missing = [] if repair else sorted(active - given)
-            revoked = sorted(i for i in given if i in devices and devices[i].state is DeviceState.REVOKED)
+            revoked = sorted(i for i in given if i in user_devices and user_devices[i].state is DeviceState.REVOKED)
             extra = sorted(given - active - set(revoked))
             kept.update(f"{user}/{i}" for i in given & active)
             if missing or extra or revoked:

@@ -64,7 +64,7 @@ class RemoteKeys:
         self._verified: OrderedDict[str, tuple[int, int, frozenset[str]]] = OrderedDict()  # user -> version, fetched, ids
         # set by the composition root: local answers and local notifications
         self.local_device_list: Callable[[str], Awaitable[dict[str, Any]]] | None = None
-        self.local_claim: Callable[[str, list[str]], Awaitable[dict[str, Any]]] | None = None
+        self.local_claim: Callable[[str, list[str] | None], Awaitable[dict[str, Any]]] | None = None
         self.notify_local: Notify | None = None
         self.nursery: trio.Nursery | None = None           # for background repairs, set by ``Federation.run``
 
@@ -190,7 +190,7 @@ class RemoteKeys:
             raise RuntimeError("RemoteKeys.local_device_list is not wired (composition root)")
         return self.local_device_list
 
-    def _local_claims(self) -> Callable[[str, list[str]], Awaitable[dict[str, Any]]]:
+    def _local_claims(self) -> Callable[[str, list[str] | None], Awaitable[dict[str, Any]]]:
         if self.local_claim is None:
             raise RuntimeError("RemoteKeys.local_claim is not wired (composition root)")
         return self.local_claim

@@ -143,7 +143,7 @@ class _PendingOp(Generic[T]):
     on_commit: Callable[[T], None] | None = None
     quick: bool = False
     done: trio.Event = field(default_factory=trio.Event)
-    result: outcome.Outcome[T] | None = None
+    result: outcome.Maybe[T] | None = None
     batch_error: BaseException | None = None
     callbacks: list[Callable[[], None]] | None = None     # ``on_done`` callers, run after ``done``
 
