@@ -18,7 +18,7 @@ same sessions (LESSONS #11), and a stolen store file must reveal nothing.
   and every C call that releases the GIL (``os.urandom``, libsodium through cffi,
   ``hmac.digest``, each SQLite step) costs up to a switch interval (5 ms) to get it
   back while the other thread is busy: the write path makes as few such calls as it
-  can (see ``_RowSealer``, ``stage``).
+  can (see ``clientsdk.row_sealer``, ``stage``).
 
 Tables: ``meta`` (plaintext: schema version, KDF, store id, key check),
 ``kv`` (account, identity, master key, prekey store), ``sessions``, ``contacts``,
@@ -28,10 +28,8 @@ Tables: ``meta`` (plaintext: schema version, KDF, store id, key check),
 from __future__ import annotations
 
 import hmac
-import itertools
 import os
 import sqlite3
-import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,8 +39,6 @@ import nacl.bindings
 import nacl.exceptions
 import nacl.pwhash
 import sqlalchemy as sa
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import PoolProxiedConnection
 
@@ -54,6 +50,7 @@ from clientsdk.errors import (
     StoreMissing,
     StoreVersionUnsupported,
 )
+from clientsdk.row_sealer import RowSealer
 from federation import codec
 from federation.errors import CodecError, ProtocolError
 
@@ -162,7 +159,7 @@ class Store:
         # (e.g. the whole prekey store after a received prekey message).
         self._kv_committed: dict[str, bytes] = {}
         self._kv_staged: dict[str, bytes] = {}
-        self._sealer = _RowSealer(key)
+        self._sealer = RowSealer(key)
         self._raw: PoolProxiedConnection | None = None      # see ``_writer``
 
     def __repr__(self) -> str:
@@ -548,45 +545,6 @@ def _present(db: sqlite3.Connection, table: str, rids: list[bytes]) -> set[bytes
         found.update(row[0] for row in db.execute(
             f"SELECT rid FROM {table} WHERE rid IN ({', '.join('?' * len(chunk))})", chunk))
     return found
-
-
-class _RowSealer:
-    """XChaCha20-Poly1305 for row values, without a syscall or a libsodium call per row.
-
-    Nonce = a random 16-byte prefix drawn per open store ‖ an 8-byte counter, so nonces
-    never repeat under the key (two opens draw the same prefix with probability 2^-128).
-    XChaCha20-Poly1305 (libsodium's ``_ietf`` variant, which ``Store._open`` decrypts)
-    is ChaCha20-Poly1305 under the subkey HChaCha20(key, nonce[:16]) with nonce
-    0^4 ‖ nonce[16:]; the prefix is fixed, so the subkey is computed once, here, and
-    each row is one ``cryptography`` AEAD call, which keeps the GIL.
-    """
-
-    def __init__(self, key: bytes) -> None:
-        self._prefix = os.urandom(16)
-        self._counter = itertools.count()
-        self._aead = ChaCha20Poly1305(_hchacha20(key, self._prefix))
-
-    def seal(self, plaintext: bytes, ad: bytes) -> bytes:
-        """``nonce (24) ‖ ciphertext ‖ tag (16)``, as ``crypto_aead_xchacha20poly1305_ietf_encrypt`` gives."""
-        tail = next(self._counter).to_bytes(8, "little")
-        return self._prefix + tail + self._aead.encrypt(b"\x00" * 4 + tail, plaintext, ad)
-
-
-_SIGMA = struct.unpack("<4I", b"expand 32-byte k")
-
-
-def _hchacha20(key: bytes, nonce16: bytes) -> bytes:
-    """HChaCha20 (draft-irtf-cfrg-xchacha §2.2) from ``cryptography``'s ChaCha20 block function.
-
-    A ChaCha20 block is the permuted state plus the input state; HChaCha20 is words
-    0–3 and 12–15 of the permuted state.  With the 16-byte counter‖nonce set to
-    ``nonce16`` the input state is exactly HChaCha20's, so subtracting it back out of
-    those words gives the subkey.
-    """
-    block = struct.unpack("<16I", Cipher(algorithms.ChaCha20(key, nonce16), mode=None).encryptor().update(bytes(64)))
-    words = struct.unpack("<4I", nonce16)
-    return struct.pack("<8I", *[(block[i] - _SIGMA[i]) & 0xFFFFFFFF for i in range(4)],
-                       *[(block[12 + i] - words[i]) & 0xFFFFFFFF for i in range(4)])
 
 
 def _engine(path: Path) -> sa.Engine:

@@ -83,14 +83,14 @@ def test_rows_are_libsodium_xchacha20poly1305(tmp_path):
 
     import nacl.bindings
 
-    from clientsdk.store import _RowSealer
+    from clientsdk.row_sealer import RowSealer
 
     for _ in range(20):
         key, plaintext, ad = os.urandom(32), os.urandom(os.urandom(1)[0]), os.urandom(40)
-        sealed = _RowSealer(key).seal(plaintext, ad)
+        sealed = RowSealer(key).seal(plaintext, ad)
         nonce, body = sealed[:24], sealed[24:]
         assert body == nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(plaintext, ad, nonce, key)
-    sealer = _RowSealer(key)
+    sealer = RowSealer(key)
     nonces = {sealer.seal(b"x", ad)[:24] for _ in range(100)}
     assert len(nonces) == 100
 
