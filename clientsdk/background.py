@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
+from typing import Any
 
 import trio
 
+from clientsdk.client_parts import ClientParts
 from clientsdk.content import (
     DELIVERED,
     MAX_REFS,
@@ -35,17 +36,14 @@ from clientsdk.content import (
     TYPING,
     Content,
 )
-from clientsdk.crypto.identity import DeviceIdentity, VerifiedDeviceList
 from clientsdk.crypto.session import Session
-from clientsdk.devicelists import ContactBook
 from clientsdk.errors import RECOVERABLE_ERRORS, SdkError, SendFailed
 from clientsdk.events import Event, MessageReceived
-from clientsdk.resets import KV_NAME, ResetBook
-from clientsdk.sessions import SessionBook, verified_bundle
-from clientsdk.store import Batch, HistoryEntry, Store
+from clientsdk.resets import KV_NAME
+from clientsdk.sessions import verified_bundle
+from clientsdk.store import Batch
 from federation.addresses import DeviceAddress, UserAddress
 from federation.keys import BadBundle
-from federation.rpc import RpcClient
 
 log = logging.getLogger(__name__)
 
@@ -57,34 +55,7 @@ def _new_id() -> str:
     return secrets.token_hex(16)
 
 
-class BackgroundMixin:
-    user: str
-    address: DeviceAddress
-    _identity: DeviceIdentity
-    _sessions: SessionBook
-    _book: ContactBook
-    _store: Store
-    _lock: trio.Lock
-    _store_limiter: trio.CapacityLimiter
-    _clock: Callable[[], int]
-    _resets: ResetBook
-    _receipts_due: dict[str, list[str]]
-    _work_ready: trio.Event
-    _send_receipts: bool
-
-    if TYPE_CHECKING:   # provided by Client (stubs here would shadow them in the MRO)
-        def _emit(self, event: Event) -> None: ...
-
-        async def _persist(self, batch: Batch) -> None: ...
-
-        async def _wait_rpc(self) -> RpcClient: ...
-
-        async def _device_list(self, rpc: RpcClient, user: str, *, force: bool = False,
-                               have_lock: bool = False) -> VerifiedDeviceList: ...
-
-        async def _send_content(self, recipients: list[str], template: Content, *, ephemeral: bool = False,
-                                history: HistoryEntry | None = None) -> None: ...
-
+class BackgroundMixin(ClientParts):
     def _template(self, kind: str, *, refs: Iterable[str] = (), state: str = "", text: str = "") -> Content:
         return Content(kind, _new_id(), "", text, self._clock(), 0, bytes(32), tuple(refs), state)
 

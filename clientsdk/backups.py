@@ -18,13 +18,13 @@ received_ms, outgoing, kind}``.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from clientsdk.account import ClientOptions
+from clientsdk.client_parts import ClientParts
 from clientsdk.connection import Connector
 from clientsdk.contacts import SELF, TOFU, VERIFIED, Contact
 from clientsdk.crypto.backup import (
@@ -32,13 +32,11 @@ from clientsdk.crypto.backup import (
     export_local_file, open_local_file, open_server_backup, read_header, seal_for_server,
 )
 from clientsdk.crypto.errors import BackupInvalid
-from clientsdk.crypto.identity import MasterKey, VerifiedDeviceList, add_device
-from clientsdk.devicelists import ContactBook
+from clientsdk.crypto.identity import MasterKey, add_device
 from clientsdk.errors import BackupFailed
-from clientsdk.store import Batch, HistoryEntry, Store
+from clientsdk.store import Batch, HistoryEntry
 from federation import codec
 from federation.errors import CodecError, ProtocolError
-from federation.keys import SignedDeviceList
 from federation.rpc import RpcClient
 
 if TYPE_CHECKING:
@@ -48,26 +46,8 @@ BODY_VERSION = 1
 MAX_BACKUP_FILE = 256 << 20
 
 
-class BackupMixin:
-    user: str
-    device_id: str
-    _master: MasterKey | None
-    _book: ContactBook
-    _store: Store
-    _store_limiter: trio.CapacityLimiter
-    _clock: Callable[[], int]
-
+class BackupMixin(ClientParts):
     if TYPE_CHECKING:   # provided by Client (stubs here would shadow them in the MRO)
-        @property
-        def identity_key(self) -> bytes: ...
-
-        async def _persist(self, batch: Batch) -> None: ...
-
-        async def _device_list(self, rpc: RpcClient, user: str, *, force: bool = False,
-                               have_lock: bool = False) -> VerifiedDeviceList: ...
-
-        async def _publish_own_list(self, rpc: RpcClient, signed: SignedDeviceList) -> None: ...
-
         async def _backup_groups(self) -> tuple[BackupGroup, ...]: ...             # clientsdk.groups
 
         def _restored_group_rows(self, groups: tuple[BackupGroup, ...]) -> dict[str, bytes]: ...   # groups

@@ -25,23 +25,21 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import trio
 
+from clientsdk.client_parts import ClientParts
 from clientsdk.crypto.errors import MalformedMessage, UnsupportedVersion
 from clientsdk.crypto.identity import MasterKey, VerifiedDeviceList, remove_device
 from clientsdk.crypto.primitives import ct_equal
-from clientsdk.devicelists import ContactBook
 from clientsdk.errors import NotMasterDevice, SdkError, StoreVersionUnsupported
-from clientsdk.store import Batch, Store
+from clientsdk.store import Batch
 from federation import codec
-from federation.addresses import DeviceAddress, UserAddress, check_device_id
+from federation.addresses import UserAddress, check_device_id
 from federation.errors import ProtocolError
 from federation.keys import DeviceList, SignedDeviceList
-from federation.rpc import RpcClient
 from federation.validate import field as wire_field
 from federation.validate import require_map
 
@@ -213,30 +211,8 @@ def merge_devices(user: str, me: str, signed: VerifiedDeviceList, server: list[d
     return out
 
 
-class DevicesMixin:
-    user: str
-    device_id: str
-    address: DeviceAddress
-    _master: MasterKey | None
-    _book: ContactBook
-    _store: Store
-    _store_limiter: trio.CapacityLimiter
-    _lock: trio.Lock
-    _clock: Callable[[], int]
-
-    if TYPE_CHECKING:   # provided by Client (stubs here would shadow them in the MRO)
-        @property
-        def identity_key(self) -> bytes: ...
-
-        async def _persist(self, batch: Batch) -> None: ...
-
-        async def _wait_rpc(self) -> RpcClient: ...
-
-        async def _device_list(self, rpc: RpcClient, user: str, *, force: bool = False,
-                               have_lock: bool = False) -> VerifiedDeviceList: ...
-
-        async def _publish_own_list(self, rpc: RpcClient, signed: SignedDeviceList) -> None: ...
-
+class DevicesMixin(ClientParts):
+    if TYPE_CHECKING:   # provided by Client (a stub here would shadow it in the MRO)
         async def approve_device(self, device_id: str, identity_key: bytes | None = None, *,
                                  share_history: bool = True) -> int: ...
 

@@ -23,74 +23,38 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-import trio
-
+from clientsdk.client_parts import ClientParts
 from clientsdk.content import SENDER_KEY_REQUEST, Content
 from clientsdk.crypto.errors import CryptoError
-from clientsdk.crypto.identity import VerifiedDeviceList
 from clientsdk.crypto.sender_keys import GroupPlaintext, UnknownSenderKey
-from clientsdk.devicelists import ContactBook
 from clientsdk.errors import MAX_STALE_RETRIES, RECOVERABLE_ERRORS
 from clientsdk.events import Event, SecurityEvent
 from clientsdk.group_records import (
     HOLDS_KV,
     GroupBundle,
     Held,
-    KeyRecovery,
     KeyRequest,
     LocalGroup,
     conversation_of,
 )
 from clientsdk.store import Batch, HistoryEntry
 from federation.addresses import DeviceAddress
-from federation.rpc import RpcClient
 from federation.transport import TransportClosed
 
 log = logging.getLogger(__name__)
 
 
 
-class GroupHealingMixin:
+class GroupHealingMixin(ClientParts):
     """Held group messages and sender-key requests/answers of ``Client`` (book: ``self._recovery``)."""
 
-    user: str
-    address: DeviceAddress
-    _book: ContactBook
-    _lock: trio.Lock
-    _clock: Callable[[], int]
     _groups: dict[bytes, LocalGroup] | None
 
     if TYPE_CHECKING:   # a stub here would shadow the real method of the mixin that follows in the MRO
-        # Client and clientsdk.lifecycle
-        def _emit(self, event: Event) -> None: ...
-
-        async def _persist(self, batch: Batch) -> None: ...
-
-        async def _wait_rpc(self) -> RpcClient: ...
-
-        async def _device_list(self, rpc: RpcClient, user: str, *, force: bool = False,
-                               have_lock: bool = False) -> VerifiedDeviceList: ...
-
-        async def _targets(self, rpc: RpcClient, recipients: list[str]) -> list[str]: ...
-
-        async def _ensure_sessions(self, rpc: RpcClient, targets: list[str]) -> None: ...
-
-        async def _until_replaced(self, rpc: RpcClient) -> None: ...
-
-        def _send_content(self, recipients: list[str], template: Content, *, ephemeral: bool = False,
-                          history: HistoryEntry | None = None) -> Awaitable[None]: ...
-
         # clientsdk.group_store
-        async def _loaded_groups(self) -> dict[bytes, LocalGroup]: ...
-
         async def _group(self, gid: bytes) -> LocalGroup: ...
-
-        def _holds(self) -> KeyRecovery: ...
-
-        def _group_batch(self, gid: bytes, batch: Batch | None = None) -> Batch: ...
 
         # clientsdk.group_receive
         def _group_message(self, group: LocalGroup, sender: DeviceAddress, plain: GroupPlaintext,
@@ -106,8 +70,6 @@ class GroupHealingMixin:
                       special: dict[str, bytes], batch: Batch) -> list[dict[str, Any]]: ...
 
         async def _send_or_stale(self, message_id: str, payloads: list[dict[str, Any]]) -> bool: ...
-
-        def _wake_group_sends(self) -> None: ...
 
     # --- held messages ----------------------------------------------------------------------------
 

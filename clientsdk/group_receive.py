@@ -14,23 +14,20 @@ by ``clientsdk.group_healing``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from clientsdk.client_parts import ClientParts
 from clientsdk.content import Content
 from clientsdk.crypto.errors import CryptoError, MalformedMessage
 from clientsdk.crypto.group_session import GroupSession
 from clientsdk.crypto.group_state import GroupReplica, SignedChange
-from clientsdk.crypto.identity import DeviceIdentity
 from clientsdk.crypto.sender_keys import GroupMessage, GroupPlaintext, UnknownSenderKey
-from clientsdk.devicelists import ContactBook
 from clientsdk.events import Event, SecurityEvent
 from clientsdk.group_records import (
     HOLDS_KV,
     GroupBundle,
     GroupMessageReceived,
     Held,
-    KeyRecovery,
     LocalGroup,
     changed_event,
     conversation_of,
@@ -47,24 +44,12 @@ from federation.validate import require_map
 log = logging.getLogger(__name__)
 
 
-class GroupReceiveMixin:
+class GroupReceiveMixin(ClientParts):
     """Group contents in (the inbox calls ``_receive_group_content`` and ``_receive_group_message``)."""
-
-    user: str
-    address: DeviceAddress
-    _identity: DeviceIdentity
-    _book: ContactBook
-    _clock: Callable[[], int]
 
     if TYPE_CHECKING:   # a stub here would shadow the real method of the mixin that follows in the MRO
         # clientsdk.group_store
-        async def _loaded_groups(self) -> dict[bytes, LocalGroup]: ...
-
-        def _holds(self) -> KeyRecovery: ...
-
         def _resolve(self, device: DeviceAddress) -> bytes | None: ...
-
-        def _group_batch(self, gid: bytes, batch: Batch | None = None) -> Batch: ...
 
         # clientsdk.group_healing
         def _hold_bundle(self, sender: DeviceAddress, gid: bytes, plaintext: bytes, bundle: GroupBundle,
@@ -77,8 +62,6 @@ class GroupReceiveMixin:
 
         # clientsdk.groups
         def _queue_control(self, group: LocalGroup, signed: SignedChange, before: list[str]) -> None: ...
-
-        def _wake_group_sends(self) -> None: ...
 
     # --- pairwise group bundles -------------------------------------------------------------------
 

@@ -12,15 +12,14 @@ changes, never keys).
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 import trio
 
+from clientsdk.client_parts import ClientParts
 from clientsdk.crypto.backup import BackupGroup
 from clientsdk.crypto.group_session import GroupSession
-from clientsdk.devicelists import ContactBook
 from clientsdk.group_records import HOLDS_KV, GroupError, KeyRecovery, LocalGroup, UnknownGroup, replica_for
-from clientsdk.store import Batch, Store
+from clientsdk.store import Batch
 from federation.addresses import DeviceAddress
 
 log = logging.getLogger(__name__)
@@ -28,19 +27,11 @@ log = logging.getLogger(__name__)
 KV_PREFIX = "group:"
 
 
-class GroupStoreMixin:
+class GroupStoreMixin(ClientParts):
     """This device's groups (``self._groups``) and held-message book (``self._recovery``), loaded lazily."""
-
-    address: DeviceAddress
-    _book: ContactBook
-    _store: Store
-    _store_limiter: trio.CapacityLimiter
 
     _groups: dict[bytes, LocalGroup] | None = None
     _recovery: KeyRecovery | None = None
-
-    if TYPE_CHECKING:   # a stub here would shadow the real method of the mixin that follows in the MRO
-        def _wake_group_sends(self) -> None: ...                       # clientsdk.groups
 
     # --- loading and store rows -------------------------------------------------------------------
 

@@ -58,19 +58,15 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
 from clientsdk.content import Content
 from clientsdk.crypto.group_session import GroupSession
 from clientsdk.crypto.group_state import ChangeOp, GroupReplica, GroupState, NotMember, SignedChange
-from clientsdk.crypto.identity import DeviceIdentity, VerifiedDeviceList
 from clientsdk.crypto.primitives import system_rng
-from clientsdk.devicelists import ContactBook
 from clientsdk.errors import MAX_STALE_RETRIES, RECOVERABLE_ERRORS, SendFailed
-from clientsdk.events import Event
 from clientsdk.group_healing import GroupHealingMixin
 from clientsdk.group_receive import GroupReceiveMixin
 from clientsdk.group_records import (
@@ -89,10 +85,9 @@ from clientsdk.group_records import (
     parse_group_id,
 )
 from clientsdk.group_store import GroupStoreMixin
-from clientsdk.sessions import SessionBook
-from clientsdk.store import Batch, HistoryEntry, Store
+from clientsdk.store import Batch, HistoryEntry
 from federation import codec
-from federation.addresses import DeviceAddress, UserAddress
+from federation.addresses import UserAddress
 from federation.errors import ErrorCode
 from federation.rpc import RemoteError, RpcClient
 from federation.transport import TransportClosed
@@ -125,43 +120,11 @@ class GroupsMixin(GroupReceiveMixin, GroupHealingMixin, GroupStoreMixin):
     ``Client`` names only this class.
     """
 
-    user: str
-    address: DeviceAddress
-    _identity: DeviceIdentity
-    _sessions: SessionBook
-    _book: ContactBook
-    _store: Store
-    _lock: trio.Lock
-    _store_limiter: trio.CapacityLimiter
-    _clock: Callable[[], int]
-    _rpc: RpcClient | None
-
     _group_send_lock: trio.Lock | None = None
     _group_work: trio.Event | None = None
     _backlog_for: RpcClient | None = None            # the connection whose backlog_done was processed
     _backlog_signal: trio.Event | None = None
     _backlog_wait: tuple[RpcClient, float] | None = None
-
-    if TYPE_CHECKING:   # provided by Client (stubs here would shadow them in the MRO)
-        def _emit(self, event: Event) -> None: ...
-
-        async def _persist(self, batch: Batch) -> None: ...
-
-        async def _wait_rpc(self) -> RpcClient: ...
-
-        async def _device_list(self, rpc: RpcClient, user: str, *, force: bool = False,
-                               have_lock: bool = False) -> VerifiedDeviceList: ...
-
-        async def _targets(self, rpc: RpcClient, recipients: list[str]) -> list[str]: ...
-
-        async def _ensure_sessions(self, rpc: RpcClient, targets: list[str]) -> None: ...
-
-        async def _send_op(self, message_id: str, payloads: list[dict[str, Any]],
-                           ephemeral: bool = False) -> None: ...
-
-        async def _until_replaced(self, rpc: RpcClient) -> None: ...
-
-        def _content_for(self, template: Content, user: str, recipients: list[str]) -> bytes: ...
 
     # --- public API ---------------------------------------------------------------------------
 

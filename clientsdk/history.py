@@ -39,20 +39,20 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from dataclasses import field as dc_field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
+from clientsdk.client_parts import ClientParts
 from clientsdk.contacts import TOFU, VERIFIED, Contact
 from clientsdk.content import Content
 from clientsdk.crypto.errors import MalformedMessage, UnsupportedVersion
-from clientsdk.crypto.identity import DeviceIdentity, MasterKey, PrekeyStore, VerifiedDeviceList, resign_device_list
+from clientsdk.crypto.identity import resign_device_list
 from clientsdk.crypto.primitives import ct_equal
 from clientsdk.crypto.session import Session
-from clientsdk.devicelists import ContactBook
 from clientsdk.devices import master_device_id
 from clientsdk.errors import (
     MAX_STALE_RETRIES,
@@ -65,12 +65,12 @@ from clientsdk.errors import (
     StoreVersionUnsupported,
 )
 from clientsdk.events import Event, HistoryImported
-from clientsdk.sessions import SessionBook, verified_bundle
-from clientsdk.store import Batch, HistoryEntry, Store
+from clientsdk.sessions import verified_bundle
+from clientsdk.store import Batch, HistoryEntry
 from federation import codec
 from federation.addresses import DeviceAddress, UserAddress
 from federation.errors import CodecError, ErrorCode, ProtocolError
-from federation.keys import BadBundle, SignedDeviceList
+from federation.keys import BadBundle
 from federation.rpc import RemoteError, RpcClient
 from federation.transport import TransportClosed
 from federation.validate import field, non_negative, require_map
@@ -249,46 +249,10 @@ class Transfer:
 # --- the mixin ----------------------------------------------------------------------------------
 
 
-class HistoryMixin:
+class HistoryMixin(ClientParts):
     """History transfer of ``Client``: sending (master device) and importing (new device)."""
 
-    user: str
-    device_id: str
-    address: DeviceAddress
-    _identity: DeviceIdentity
-    _master: MasterKey | None
-    _sessions: SessionBook
-    _book: ContactBook
-    _store: Store
-    _lock: trio.Lock
-    _store_limiter: trio.CapacityLimiter
-    _clock: Callable[[], int]
-    _prekeys: PrekeyStore
-
     _history_progress: ImportProgress | None = None
-
-    if TYPE_CHECKING:   # provided by Client and the other mixins (stubs here would shadow them in the MRO)
-        def _emit(self, event: Event) -> None: ...
-
-        async def _persist(self, batch: Batch) -> None: ...
-
-        async def _wait_rpc(self) -> RpcClient: ...
-
-        async def _until_replaced(self, rpc: RpcClient) -> None: ...
-
-        async def _device_list(self, rpc: RpcClient, user: str, *, force: bool = False,
-                               have_lock: bool = False) -> VerifiedDeviceList: ...
-
-        async def _publish_own_list(self, rpc: RpcClient, signed: SignedDeviceList) -> None: ...
-
-        async def _targets(self, rpc: RpcClient, recipients: list[str]) -> list[str]: ...
-
-        async def _ensure_sessions(self, rpc: RpcClient, targets: list[str]) -> None: ...
-
-        async def _send_op(self, message_id: str, payloads: list[dict[str, Any]],
-                           ephemeral: bool = False) -> None: ...
-
-        def _content_for(self, template: Content, user: str, recipients: list[str]) -> bytes: ...
 
     # --- master device: sending -----------------------------------------------------------
 

@@ -10,24 +10,23 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
 
+from clientsdk.client_parts import ClientParts
 from clientsdk.content import SENDER_KEY_REQUEST, SESSION_RESET, Content, content_event
 from clientsdk.crypto.errors import CryptoError
-from clientsdk.crypto.identity import DeviceIdentity, PrekeyStore, VerifiedDeviceList
+from clientsdk.crypto.identity import PrekeyStore
 from clientsdk.crypto.session import PrekeyMessage, parse_message
-from clientsdk.devicelists import ContactBook
 from clientsdk.errors import TRANSIENT_CODES, ContactKeyChanged, KeysUnavailable, SdkError, SendFailed
 from clientsdk.events import Event, MessageReceived, SecurityEvent
 from clientsdk.groups import GROUP_CONTENT, is_group_message
 from clientsdk.history import HISTORY_CONTENT
 from clientsdk.resets import KV_NAME as RESETS_KV
-from clientsdk.resets import ResetBook, ResetDecision
-from clientsdk.sessions import NoSession, SessionBook
-from clientsdk.store import Batch, HistoryEntry, Store
+from clientsdk.resets import ResetDecision
+from clientsdk.sessions import NoSession
+from clientsdk.store import Batch, HistoryEntry
 from federation.addresses import DeviceAddress
 from federation.errors import ProtocolError
 from federation.rpc import RemoteError, RpcClient
@@ -45,33 +44,11 @@ class _UndoPoint:
         self.prekeys: bytes | None = None   # set when accepting a prekey message takes a one-time prekey
 
 
-class InboxMixin:
-    user: str
-    address: DeviceAddress
-    _identity: DeviceIdentity
-    _prekeys: PrekeyStore
-    _sessions: SessionBook
-    _book: ContactBook
-    _store: Store
-    _lock: trio.Lock
-    _store_limiter: trio.CapacityLimiter
-    _clock: Callable[[], int]
-    _resets: ResetBook
-    _work_ready: trio.Event
+class InboxMixin(ClientParts):
     _prekeys_changed = False          # a prekey message was accepted since the prekey store was last stored
     _live_after: tuple[RpcClient, int] | None = None    # (connection, seq of its backlog_done push)
 
-    if TYPE_CHECKING:   # a stub here would shadow the real method (of Client or a mixin that follows in the MRO)
-        # Client
-        def _emit(self, event: Event) -> None: ...
-
-        async def _persist(self, batch: Batch) -> None: ...
-
-        async def _device_list(self, rpc: RpcClient, user: str, *, force: bool = False,
-                               have_lock: bool = False) -> VerifiedDeviceList: ...
-
-        def _queue_delivery_receipts(self, events: list[Event]) -> None: ...       # clientsdk.background
-
+    if TYPE_CHECKING:   # a stub here would shadow the real method (of a mixin that follows in the MRO)
         async def _receive_group_message(self, sender: DeviceAddress, ciphertext: bytes,
                                          batch: Batch) -> list[Event]: ...          # clientsdk.groups
 

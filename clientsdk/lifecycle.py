@@ -12,23 +12,17 @@ from typing import TYPE_CHECKING, Any, Self
 
 import trio
 
-from clientsdk.account import ClientOptions
+from clientsdk.client_parts import ClientParts
 from clientsdk.connection import CLOSE_REPLACED, CLOSE_REVOKED, Connector
-from clientsdk.crypto.identity import (
-    DeviceIdentity, MasterKey, PrekeyStore, VerifiedDeviceList, needs_resign, resign_device_list,
-)
-from clientsdk.devicelists import ContactBook
+from clientsdk.crypto.identity import needs_resign, resign_device_list
 from clientsdk.errors import NotConnected, SdkError, SendFailed
-from clientsdk.events import ConnectionChanged, Event, MessageReceived, SecurityEvent
+from clientsdk.events import ConnectionChanged, MessageReceived, SecurityEvent
 from clientsdk.resets import KV_NAME as RESETS_KV
-from clientsdk.resets import ResetBook
-from clientsdk.store import Batch, Store
+from clientsdk.store import Batch
 from clientsdk.upkeep import plan_prekey_upload
 from federation import signing
-from federation.addresses import DeviceAddress
 from federation.errors import SecureChatError
 from federation.frames import Push
-from federation.keys import SignedDeviceList
 from federation.rpc import RemoteError, RpcClient, open_rpc
 from federation.signing import Purpose
 from federation.transport import TransportClosed
@@ -51,42 +45,10 @@ def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
     return out
 
 
-class ConnectionMixin:
+class ConnectionMixin(ClientParts):
     """Connection lifecycle of ``Client`` (state is the ``Client``'s own attributes)."""
 
-    user: str
-    address: DeviceAddress
-    revoked: bool
-    _identity: DeviceIdentity
-    _master: MasterKey | None
-    _prekeys: PrekeyStore
-    _book: ContactBook
-    _store: Store
-    _lock: trio.Lock
-    _store_limiter: trio.CapacityLimiter
-    _clock: Callable[[], int]
-    _options: ClientOptions
-    _connector: Connector | None
-    _rpc: RpcClient | None
-    _connected: trio.Event
-    _running: bool
-    _stopping: bool
-    _auth_state: str
-    _resets: ResetBook
-    _receipts_due: dict[str, list[str]]
-    _work_ready: trio.Event
-
     if TYPE_CHECKING:   # this mixin comes first in the MRO: a stub here would shadow the real method
-        # Client
-        def _emit(self, event: Event) -> None: ...
-
-        async def _persist(self, batch: Batch) -> None: ...
-
-        async def _device_list(self, rpc: RpcClient, user: str, *, force: bool = False,
-                               have_lock: bool = False) -> VerifiedDeviceList: ...
-
-        async def _publish_own_list(self, rpc: RpcClient, signed: SignedDeviceList) -> None: ...
-
         # clientsdk.inbox
         async def _handle_envelopes(self, rpc: RpcClient, pushes: list[Any]) -> None: ...
 

@@ -18,19 +18,17 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from clientsdk.client_parts import ClientParts
 from clientsdk.content import Content
-from clientsdk.events import Event, SecurityEvent
+from clientsdk.events import SecurityEvent
 from clientsdk.store import Batch
 from federation import codec
 from federation.addresses import UserAddress
 from federation.errors import CodecError, ProtocolError, SecureChatError
 from federation.rpc import RemoteError, RpcClient
 from federation.validate import field, require_map
-
-if TYPE_CHECKING:
-    from clientsdk.crypto.identity import VerifiedDeviceList
 
 log = logging.getLogger("securechat.sdk.repair")
 RECENT_SENDS = 1_000
@@ -62,26 +60,10 @@ def parse_report(report: bytes) -> tuple[str, dict[str, list[str]]]:
     return message_id, missing
 
 
-class DeliveryRepairMixin:
+class DeliveryRepairMixin(ClientParts):
     """Handles ``delivery_report`` pushes for ``Client``."""
 
-    if TYPE_CHECKING:
-        user: str
-        _recent_sends: OrderedDict[str, RecentSend]
-
-        def _emit(self, event: Event) -> None: ...
-
-        async def _device_list(self, rpc: RpcClient, user: str, *, force: bool = False,
-                               have_lock: bool = False) -> VerifiedDeviceList: ...
-
-        async def _ensure_sessions(self, rpc: RpcClient, targets: list[str]) -> None: ...
-
-        def _content_for(self, template: Content, user: str, recipients: list[str]) -> bytes: ...
-
-        async def _persist(self, batch: Batch) -> None: ...
-
-        _lock: Any
-        _sessions: Any
+    _recent_sends: OrderedDict[str, RecentSend]
 
     def _remember_send(self, message_id: str, recipients: list[str], template: Content) -> None:
         recent = self._recent_sends

@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from clientsdk.client_parts import ClientParts
 from clientsdk.contacts import TOFU, VERIFIED
-from clientsdk.crypto.identity import PrekeyStore, VerifiedDeviceList
 from clientsdk.crypto.primitives import ct_equal
 from clientsdk.crypto.verification import (
     ContactCode, LookupHint, Party, ScanVerdict, compare_scanned, qr_payload, safety_number,
@@ -44,8 +44,7 @@ from clientsdk.crypto.verification import (
 from clientsdk.devicelists import ContactBook, ListOutcome
 from clientsdk.errors import ContactKeyChanged, SdkError, StoreCorrupted, StoreVersionUnsupported
 from clientsdk.events import Event, SecurityEvent
-from clientsdk.sessions import SessionBook
-from clientsdk.store import Batch, Store
+from clientsdk.store import Batch
 from federation import codec
 from federation.addresses import DeviceAddress, UserAddress
 from federation.errors import CodecError, ProtocolError
@@ -165,32 +164,12 @@ class HeldMessages:
         return cls(items)
 
 
-class VerifyMixin:
-    user: str
-    _book: ContactBook
-    _sessions: SessionBook
-    _store: Store
-    _store_limiter: trio.CapacityLimiter
-    _lock: trio.Lock
-    _clock: Callable[[], int]
-    _prekeys: PrekeyStore
-
+class VerifyMixin(ClientParts):
     _held: HeldMessages | None = None         # loaded from the store on first use
 
-    if TYPE_CHECKING:   # provided by Client (stubs here would shadow them in the MRO)
-        def _emit(self, event: Event) -> None: ...
-
-        async def _persist(self, batch: Batch) -> None: ...
-
-        async def _wait_rpc(self) -> RpcClient: ...
-
-        async def _device_list(self, rpc: RpcClient, user: str, *, force: bool = False,
-                               have_lock: bool = False) -> VerifiedDeviceList: ...
-
+    if TYPE_CHECKING:   # provided by clientsdk.inbox (a stub here would shadow it in the MRO)
         async def _receive_one(self, rpc: RpcClient, fields: dict[str, Any],
                                batch: Batch) -> Event | list[Event] | None: ...      # clientsdk.inbox
-
-        def _queue_delivery_receipts(self, events: list[Event]) -> None: ...       # clientsdk.background
 
     # --- parties and numbers ---------------------------------------------------------------
 
