@@ -74,31 +74,43 @@ class LoadWorkers:
         env.pop("BENCH_PROFILE", None)
         if profile_dir is not None:
             env["BENCH_PROFILE"] = str(profile_dir)
-        for i, k in enumerate(self.pairs):
-            config = {"index": i, "url": server.url, "directory": str(workdir / f"clients-{i}"), "pairs": k,
-                      "window": args.window, "text_bytes": args.text_bytes, "seed": args.seed,
-                      "group_devices": args.group_devices if i == 0 else 0}
-            with open(self.logs[i], "wb") as err:
-                self.procs.append(subprocess.Popen(
-                    [sys.executable, str(REPO / "bench" / "_e2e_worker.py"), json.dumps(config)],
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO, env=env))
-        self.clients = sum(self._read(i)["clients"] for i in range(count))
+        try:
+            for i, k in enumerate(self.pairs):
+                config = {"index": i, "url": server.url, "directory": str(workdir / f"clients-{i}"), "pairs": k,
+                          "window": args.window, "text_bytes": args.text_bytes, "seed": args.seed,
+                          "group_devices": args.group_devices if i == 0 else 0}
+                with open(self.logs[i], "wb") as err:
+                    self.procs.append(subprocess.Popen(
+                        [sys.executable, str(REPO / "bench" / "_e2e_worker.py"), json.dumps(config)],
+                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO, env=env))
+            self.clients = sum(self._read(i)["clients"] for i in range(count))
+        except BaseException:
+            self.stop()                      # the ones already started
+            raise
 
     def _read(self, i: int) -> dict[str, Any]:
-        line = self.procs[i].stdout.readline() if self.procs[i].stdout else ""
+        """Worker ``i``'s next answer (it fails a stalled phase itself, after 30 s without progress)."""
+        stdout = self.procs[i].stdout
+        line = stdout.readline() if stdout is not None else ""
         answer = json.loads(line) if line.strip() else {"error": "the load process ended"}
         if "error" in answer:
-            tail = "\n".join(self.logs[i].read_text(errors="replace").splitlines()[-20:])
-            raise BenchError(f"load process {i}: {answer['error']}\n{tail}")
+            self._fail(i, answer["error"])
         return answer
+
+    def _fail(self, i: int, what: str) -> None:
+        tail = "\n".join(self.logs[i].read_text(errors="replace").splitlines()[-20:])
+        raise BenchError(f"load process {i}: {what}\n{tail}")
 
     def command(self, commands: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
         """Send each worker its command (all written before any answer is read); the answers, in order."""
         for i, command in commands.items():
             stdin = self.procs[i].stdin
-            if stdin is not None:
-                stdin.write(json.dumps(command) + "\n")
-                stdin.flush()
+            try:
+                if stdin is not None:
+                    stdin.write(json.dumps(command) + "\n")
+                    stdin.flush()
+            except (BrokenPipeError, OSError):
+                self._fail(i, "the load process ended")
         return [self._read(i) for i in commands]
 
     def shares(self, total: float) -> list[float]:
@@ -196,15 +208,16 @@ def run_e2e(workdir: Path, profile_dir: Path | None, args: argparse.Namespace) -
     server = ServerProcess("e2e", ["-m", "homeserver", "run", "--config", str(config)], workdir, profile_dir)
     with server:
         started = time.monotonic()
-        workers = LoadWorkers(server, args, workdir, profile_dir)
         try:
-            _log(f"{workers.clients} clients in {len(workers.procs)} load processes connected, "
-                 f"sessions ready in {time.monotonic() - started:.1f} s")
-            result = measure_e2e(server, args, workers)
+            workers = LoadWorkers(server, args, workdir, profile_dir)
+            try:
+                _log(f"{workers.clients} clients in {len(workers.procs)} load processes connected, "
+                     f"sessions ready in {time.monotonic() - started:.1f} s")
+                result = measure_e2e(server, args, workers)
+            finally:
+                workers.stop()
         except BenchError as exc:
             raise BenchError(f"e2e: {exc}\ne2e server log tail:\n{server.log_tail()}") from None
-        finally:
-            workers.stop()
         result["server_rss_mb"] = server.rss_mb()
     server.write_profile_summary()
     if profile_dir is not None:

@@ -127,10 +127,11 @@ class GroupCommit:
     written.
     """
 
-    def __init__(self, stage: Callable[[Batch, int], bool], commit: Callable[[], None],
+    def __init__(self, stage: Callable[[Batch, int], bool], commit: Callable[[], None], abort: Callable[[], None],
                  limiter: trio.CapacityLimiter) -> None:
         self._stage = stage
         self._commit = commit
+        self._abort = abort
         self._limiter = limiter
         self._open: _Commit | None = None
         self._running = False
@@ -162,7 +163,13 @@ class GroupCommit:
                 try:
                     async with self._limiter:             # the store's one connection is ours
                         if self._stage(commit.batch, commit.now_ms):
-                            await trio.to_thread.run_sync(self._commit)
+                            try:
+                                await trio.to_thread.run_sync(self._commit)
+                            except BaseException:
+                                # A failed commit rolled back already; one that never ran must not
+                                # leave its rows staged for the next commit to take along.
+                                self._abort()
+                                raise
                     written = True
                 except StoreError as exc:
                     commit.error = exc
@@ -199,7 +206,7 @@ class Client(ConnectionMixin, InboxMixin, BackgroundMixin, BackupMixin, VerifyMi
         self._lock = trio.Lock()                 # serialises every change of crypto state
         self._send_order = trio.Lock()           # send ops leave in encryption order (``_send_content``)
         self._store_limiter = trio.CapacityLimiter(1)
-        self._commits = GroupCommit(store.stage, store.commit_staged, self._store_limiter)
+        self._commits = GroupCommit(store.stage, store.commit_staged, store.abort_staged, self._store_limiter)
         self._rpc: RpcClient | None = None
         self._connected = trio.Event()
         self._event_send, self._event_receive = trio.open_memory_channel[Event](math.inf)

@@ -103,6 +103,8 @@ class GroupReceiveMixin(ClientParts):
         if bundle.distribution is not None or bundle.reply is not None:
             events += self._retry_held(group, sender, bundle.reply, batch)
         self._group_batch(gid, batch)
+        # Groups are loaded by now, so this await never suspends: nothing can interrupt
+        # between the changes above and the end (the inbox's undo rule).
         return events + await self._release_bundles(gid, batch)
 
     async def _release_bundles(self, gid: bytes, batch: Batch) -> list[Event]:

@@ -397,13 +397,14 @@ class HistoryMixin(ClientParts):
             log.warning("history chunk from %s ignored: not my master device", sender)
             return None
         progress = await self._import_progress()
+        known = await trio.to_thread.run_sync(self._store.known_message_ids, [m.message_id for m in chunk.messages],
+                                              limiter=self._store_limiter)
+        # No await below: an interruption can only come before the first change (inbox rule).
         if not ct_equal(progress.transfer, chunk.transfer):
             progress = self._history_progress = ImportProgress(chunk.transfer)
         for item in chunk.contacts:
             if self._import_contact(item, batch):
                 progress.contacts += 1
-        known = await trio.to_thread.run_sync(self._store.known_message_ids, [m.message_id for m in chunk.messages],
-                                              limiter=self._store_limiter)
         known |= {m.message_id for m in batch.messages}
         for entry in chunk.messages:
             if entry.message_id in known:

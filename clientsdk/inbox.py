@@ -30,8 +30,17 @@ from clientsdk.store import Batch, HistoryEntry
 from federation.addresses import DeviceAddress
 from federation.errors import ProtocolError
 from federation.rpc import RemoteError, RpcClient
+from federation.transport import TransportClosed
 
 log = logging.getLogger(__name__)
+
+def _interrupted(exc: BaseException) -> bool:
+    """An error that says "not now" (the envelope comes again and can succeed), not "never"."""
+    if isinstance(exc, (trio.Cancelled, TransportClosed, trio.BrokenResourceError, trio.ClosedResourceError,
+                        KeysUnavailable)):
+        return True
+    return isinstance(exc, RemoteError) and exc.code in TRANSIENT_CODES
+
 
 class _UndoPoint:
     """Where a sender's sessions (and, for a prekey message, the prekey store) stood before a decryption."""
@@ -78,15 +87,19 @@ class InboxMixin(ClientParts):
                 done = await trio.to_thread.run_sync(self._store.processed, [k for k in keys if k not in unseen],
                                                      limiter=self._store_limiter)
             batch = Batch()
+            kept: set[object] = set()             # senders with an envelope kept for later
             try:
                 for push, key in zip(pushes, keys):
                     seq = push.fields.get("seq")
                     if key not in done and key not in batch.processed:
+                        sender = push.fields.get("sender")
+                        if sender in kept:
+                            continue              # after a kept one of the same sender: keeps its order
                         try:
                             event = await self._receive_one(rpc, push.fields, batch)
                         except KeysUnavailable as exc:
-                            log.info("envelope from %s kept for the next connection: %s",
-                                     push.fields.get("sender"), exc)
+                            log.info("envelope from %s kept for the next connection: %s", sender, exc)
+                            kept.add(sender)
                             continue              # neither processed nor acked: pushed again later
                         batch.processed.add(key)      # only once handled: an interrupted one comes again
                         if isinstance(event, list):
@@ -170,12 +183,15 @@ class InboxMixin(ClientParts):
         self._book.note_sender_list(str(sender_address.user), content)
         try:
             return await self._handle_content(rpc, sender_address, plaintext, content, batch)
-        except BaseException:
-            # Interrupted after decryption (a lost connection, keys unavailable, a closing
-            # client): the envelope is neither marked processed nor acked, so it comes
-            # again, and the ratchet must be where it was or its message key is spent
-            # and the redelivery ends in a session reset (LESSONS #1).
-            self._undo_decryption(undo, batch)
+        except BaseException as exc:
+            if _interrupted(exc):
+                # Interrupted after decryption (a lost connection, keys unavailable now, a
+                # closing client): the envelope is neither marked processed nor acked, so it
+                # comes again, and the ratchet must be where it was or its message key is
+                # spent and the redelivery ends in a session reset (LESSONS #1).  Any other
+                # error would fail again on every redelivery: no undo, so the redelivered
+                # copy ends in one session reset instead of blocking the inbox for good.
+                self._undo_decryption(undo, batch)
             raise
 
     def _undo_decryption(self, undo: _UndoPoint, batch: Batch) -> None:
@@ -190,7 +206,12 @@ class InboxMixin(ClientParts):
 
     async def _handle_content(self, rpc: RpcClient, sender_address: DeviceAddress, plaintext: bytes,
                               content: Content, batch: Batch) -> Event | list[Event] | None:
-        """What a decrypted message means; may need the store or the network (history, groups)."""
+        """What a decrypted message means; may need the store or the network (history, groups).
+
+        Rule for every handler: all its awaits come before its first change to memory or to
+        ``batch``, so an interruption (which can only happen at an await) leaves nothing
+        half-applied and ``_undo_decryption`` restores the whole state.
+        """
         sender = str(sender_address)
         if content.type == GROUP_CONTENT:
             return await self._receive_group_content(sender_address, plaintext, content, batch)

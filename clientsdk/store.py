@@ -452,6 +452,14 @@ class Store:
         self._kv_staged = kv
         return True
 
+    def abort_staged(self) -> None:
+        """Roll back what ``stage`` wrote when ``commit_staged`` never ran (e.g. no thread to run it in)."""
+        self._kv_staged = {}
+        try:
+            self._writer().rollback()
+        except (SQLAlchemyError, sqlite3.Error) as exc:
+            raise _fail_db(exc) from None
+
     def commit_staged(self) -> None:
         """Commit what ``stage`` wrote (the fsync); on failure it is rolled back and nothing changed."""
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
+import pytest
 import trio
 import trio.testing
 
@@ -209,7 +210,7 @@ def _group_commit(apply: Callable[[Batch, int], None]) -> GroupCommit:
         staged.append((batch, now_ms))
         return True
 
-    return GroupCommit(stage, lambda: apply(*staged.pop()), trio.CapacityLimiter(1))
+    return GroupCommit(stage, lambda: apply(*staged.pop()), staged.clear, trio.CapacityLimiter(1))
 
 
 async def test_group_commit_merges_what_queues_behind_a_running_commit():
@@ -275,3 +276,22 @@ def test_message_ids_are_random_hex_and_do_not_repeat_across_pool_refills():
     ids = [_new_message_id() for _ in range(1500)]
     assert len(set(ids)) == len(ids)
     assert all(len(i) == 32 and int(i, 16) >= 0 and i == i.lower() for i in ids)
+
+
+async def test_rows_staged_for_a_commit_that_never_ran_are_not_committed_later(tmp_path, monkeypatch):
+    store = Store.create(tmp_path / "s.db", store_key=bytes(32))
+    commits = GroupCommit(store.stage, store.commit_staged, store.abort_staged, trio.CapacityLimiter(1))
+    real_run_sync = trio.to_thread.run_sync
+
+    async def no_thread(*args, **kwargs):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", no_thread)
+    with pytest.raises(RuntimeError):
+        await commits.wait(commits.add(Batch(processed={"never committed"}, kv={"prekeys": b"staged"}), 1))
+    monkeypatch.setattr(trio.to_thread, "run_sync", real_run_sync)
+    await commits.wait(commits.add(Batch(processed={"committed"}), 2))
+    assert store.processed(["never committed", "committed"]) == {"committed"}
+    await commits.wait(commits.add(Batch(kv={"prekeys": b"staged"}), 3))    # not mistaken for "unchanged"
+    assert store.get_kv("prekeys") == b"staged"
+    store.close()

@@ -174,3 +174,32 @@ def test_reset_book_rate_limit_and_persistence():
     assert book.last_ms == {} and book.open == set()
     with pytest.raises(StoreCorrupted):
         ResetBook.from_bytes(b"\x01", HOUR_MS)
+
+
+async def test_a_message_whose_handling_always_fails_does_not_block_the_inbox(world):
+    """Only interruptions undo a decryption: an error that would repeat on every redelivery
+    (here a damaged local record) ends in one session reset, and later messages flow."""
+    alice = await world.register("alice")
+    bob = await world.register("bob")
+    failures: list[str] = []
+    async with alice.connect(), bob.connect():
+        await alice.send(BOB, "hello")
+        await collect(bob, 1)
+        real_handle = bob._handle_content
+
+        async def handle(rpc, sender, plaintext, content, batch):
+            if content.text == "poison":
+                failures.append(content.text)
+                raise StoreCorrupted("a local record does not parse")
+            return await real_handle(rpc, sender, plaintext, content, batch)
+
+        bob._handle_content = handle
+        await alice.send(BOB, "poison")
+        await alice.send(BOB, "after")
+        events: list[SecurityEvent] = []
+        assert await _texts(bob, 1, events) == ["after"]
+        assert failures == ["poison"]                       # handled once, not on every redelivery
+        events += pending_security_events(bob)
+        assert [e.kind for e in events] == ["session_reset"]
+    await alice.aclose()
+    await bob.aclose()
