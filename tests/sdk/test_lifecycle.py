@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import pytest
@@ -78,8 +79,12 @@ async def test_prekeys_topped_up_and_signed_prekey_rotated(world, autojump_clock
     bob._options = replace(bob._options, one_time_prekeys=60)   # e.g. reopened with a higher target
     async with bob.connect():
         rpc = await bob._wait_rpc()
-        await trio.sleep(1)
-        assert (await rpc.request("key_count"))["one_time"] == 60
+        # The top-up's store write runs in a thread, and the autojump clock does not wait
+        # for threads: poll (bounded in real time) instead of sleeping a fixed mock second.
+        deadline = time.monotonic() + 10
+        while (await rpc.request("key_count"))["one_time"] != 60:
+            assert time.monotonic() < deadline, "one-time prekeys were not topped up to 60"
+            await trio.sleep(0.001)
         await trio.sleep(8 * 24 * 3600)            # a week and a day, connected
         rpc = await bob._wait_rpc()
         assert max(bob._prekeys.signed) > first_spk
