@@ -208,7 +208,8 @@ class Client(ConnectionMixin, InboxMixin, BackgroundMixin, BackupMixin, VerifyMi
         self._store_limiter = trio.CapacityLimiter(1)
         self._commits = GroupCommit(store.stage, store.commit_staged, store.abort_staged, self._store_limiter)
         self._rpc: RpcClient | None = None
-        self._connected = trio.Event()
+        self._connected = trio.Event()           # set while ``_rpc`` is a connection
+        self._dropped = trio.Event()             # set once the loop has let go of that connection
         self._event_send, self._event_receive = trio.open_memory_channel[Event](math.inf)
         self._handlers: list[MessageHandler] = []
         self.revoked = False

@@ -56,6 +56,7 @@ class ClientParts:
     _connector: Connector | None
     _rpc: RpcClient | None
     _connected: trio.Event
+    _dropped: trio.Event
     _running: bool
     _stopping: bool
     _auth_state: str

@@ -122,6 +122,7 @@ class ConnectionMixin(ClientParts):
                         auth = await self._authenticate(rpc)
                         attempt = 0
                         self._rpc = rpc
+                        self._dropped = trio.Event()
                         self._connected.set()
                         self._emit(ConnectionChanged(True))
                         await self._after_connect(rpc, auth)
@@ -146,6 +147,7 @@ class ConnectionMixin(ClientParts):
                 if self._rpc is not None:
                     self._rpc = None
                     self._connected = trio.Event()
+                    self._dropped.set()
                     self._emit(ConnectionChanged(False))
             if self._stopping:
                 return
@@ -171,12 +173,19 @@ class ConnectionMixin(ClientParts):
         return answer
 
     async def _wait_rpc(self) -> RpcClient:
-        while self._rpc is None:
+        """The connection, once there is one that is open.
+
+        A closed connection stays ``_rpc`` until the connection loop has finished with it
+        (its close handshake, say): waiting for that, rather than handing it out, keeps a
+        caller that loops on "wait for the connection, wait for an event or its close"
+        from spinning.
+        """
+        while self._rpc is None or self._rpc.closed.is_set():
             if self.revoked:
                 raise NotConnected("this device was revoked")
             if not self._running:
                 raise NotConnected("use 'async with client.connect():' first")
-            await self._connected.wait()
+            await (self._connected if self._rpc is None else self._dropped).wait()
         return self._rpc
 
     async def _after_connect(self, rpc: RpcClient, auth: dict[str, Any]) -> None:

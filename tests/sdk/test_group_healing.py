@@ -25,7 +25,8 @@ from clientsdk.crypto.group_session import GroupSession
 from clientsdk.crypto.sender_keys import UnknownSenderKey
 from clientsdk.events import ReceiptReceived, SecurityEvent
 from clientsdk.group_records import HOLD_MS, KeyRequest
-from clientsdk.groups import BACKLOG_WAIT_S, parse_group_id
+from clientsdk.groups import BACKLOG_WAIT_S, GroupsMixin, parse_group_id
+from clientsdk.lifecycle import ConnectionMixin
 from federation import codec
 from federation.rpc import open_rpc
 from federation.transport import CLOSE_NORMAL, Transport
@@ -204,6 +205,45 @@ async def test_a_server_without_backlog_done_delays_group_sends_but_not_for_ever
         assert inbox.messages[0].text == "sent anyway"
         await ann.send_group(gid, "and now without waiting")   # once per connection only
     await close_all(clients)
+
+
+class _Closing:
+    """A client whose connection has closed while its connection loop is still letting go of
+    it (a close handshake, say): ``_rpc`` stays the closed connection for a while."""
+
+    _until_backlog_done = GroupsMixin._until_backlog_done
+
+    def __init__(self) -> None:
+        self._rpc: Any = self.connection(closed=True)
+        self._connected, self._dropped = trio.Event(), trio.Event()
+        self._connected.set()
+        self._running, self.revoked = True, False
+        self._backlog_for: Any = None
+        self._backlog_wait: Any = None
+        self._backlog_signal: trio.Event | None = None
+        self.waits = 0
+
+    async def _wait_rpc(self) -> Any:
+        self.waits += 1
+        return await ConnectionMixin._wait_rpc(self)  # type: ignore[arg-type]
+
+    @staticmethod
+    def connection(closed: bool) -> Any:
+        rpc = type("Rpc", (), {"closed": trio.Event()})()
+        if closed:
+            rpc.closed.set()
+        return rpc
+
+
+async def test_waiting_for_backlog_done_does_not_spin_on_a_closing_connection():
+    client = _Closing()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client._until_backlog_done)
+        await trio.sleep(0.2)                          # real time: the old connection is closing
+        fresh = client.connection(closed=False)
+        client._rpc, client._backlog_for = fresh, fresh       # the loop let go; a new one is up
+        client._dropped.set()
+    assert client.waits <= 2, f"{client.waits} wake-ups in 0.2 s: the wait spins"
 
 
 # --- item 1: sender-key re-request ------------------------------------------------------------
