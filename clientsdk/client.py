@@ -554,7 +554,7 @@ class Client(ConnectionMixin, InboxMixin, BackgroundMixin, BackupMixin, VerifyMi
     async def _until_replaced(self, rpc: RpcClient) -> None:
         """Wait until the connection loop has dropped ``rpc`` (after it failed under us)."""
         while self._rpc is rpc:
-            await trio.sleep(0.05)
+            await self._dropped.wait()         # this connection's: set when the loop lets go of it
 
     async def _targets(self, rpc: RpcClient, recipients: list[str]) -> list[str]:
         mine = await self._device_list(rpc, self.user)
