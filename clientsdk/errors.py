@@ -54,6 +54,12 @@ class StoreMissing(StoreError):
     code = "store_missing"
 
 
+class StoreInUse(StoreError):
+    """Another process (or another open ``Store``) has this store: two at once would fork its sessions."""
+
+    code = "store_in_use"
+
+
 class NotMasterDevice(SdkError):
     code = "not_master_device"
 

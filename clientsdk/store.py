@@ -46,6 +46,7 @@ from clientsdk.errors import (
     StoreCorrupted,
     StoreError,
     StoreExists,
+    StoreInUse,
     StoreKeyInvalid,
     StoreMissing,
     StoreVersionUnsupported,
@@ -141,6 +142,10 @@ class Snapshot:
 
 
 def _fail_db(exc: Exception) -> StoreError:
+    cause = getattr(exc, "orig", exc)           # SQLAlchemy wraps the sqlite3 error
+    if isinstance(cause, sqlite3.OperationalError) and "locked" in str(cause):
+        return StoreInUse("the store is open elsewhere (another process, or a client still running): "
+                          "a device's store is used by one client at a time")
     return StoreCorrupted(f"store file is unreadable ({type(exc).__name__})")
 
 
@@ -556,12 +561,22 @@ def _present(db: sqlite3.Connection, table: str, rids: list[bytes]) -> set[bytes
 
 
 def _engine(path: Path) -> sa.Engine:
-    engine = sa.create_engine(f"sqlite:///{path}", connect_args={"check_same_thread": False},
+    """The store's one connection, which holds the file exclusively until ``Store.close``.
+
+    Two clients on one store would each advance their own copy of the same ratchets and
+    encrypt different messages under the same message keys (and nonces): the first
+    access takes an exclusive lock that is never released while open (SQLite's
+    ``locking_mode=EXCLUSIVE``; in WAL mode it also keeps the WAL index in memory, no
+    ``-shm`` file), so a second opener gets ``StoreInUse`` at once (``timeout``).  The OS
+    drops the lock when a process dies, so a crash never leaves the store locked.
+    """
+    engine = sa.create_engine(f"sqlite:///{path}", connect_args={"check_same_thread": False, "timeout": 0.2},
                               poolclass=sa.pool.StaticPool)
 
     @sa.event.listens_for(engine, "connect")
     def _pragmas(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
         cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA locking_mode=EXCLUSIVE")
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=FULL")
         cur.close()

@@ -27,7 +27,7 @@ from clientsdk.connection import (
     memory_connector,
     websocket_connector,
 )
-from clientsdk.store import Store
+from clientsdk.store import Snapshot, Store
 from federation.transport import CLOSE_NORMAL, MemoryNetwork, Transport
 from homeserver.app import Homeserver
 from homeserver.config import Config
@@ -47,13 +47,17 @@ def store_key(name: str) -> bytes:
     return name.encode().ljust(32, b"s")
 
 
-def client_secrets(path: Path, key: bytes) -> set[bytes]:
-    """Every private key a device's store holds: identity (both forms), master, prekey private halves."""
+def stored_snapshot(path: Path, key: bytes) -> Snapshot:
+    """A closed device's store, read (a running client holds its file: read ``client._store`` then)."""
     store = Store.open(path, store_key=key)
     try:
-        snapshot = store.load()
+        return store.load()
     finally:
         store.close()
+
+
+def client_secrets(snapshot: Snapshot, key: bytes) -> set[bytes]:
+    """Every private key a device's store holds: identity (both forms), master, prekey private halves."""
     account, prekeys = Account.from_kv(snapshot.kv)
     secrets = {account.identity.private_bytes(), account.identity.dh_private.private_bytes_raw(), key}
     if account.master is not None:
@@ -93,9 +97,10 @@ async def exchange_canaries(tmp_path: Path, connector: Connector) -> Devices:
     bob = await make("bob", BOB)
     phone = await make("phone", ALICE, login=True)
     devices = Devices(alice, phone, bob)
-    # Private keys as enrolled (before any one-time prekey is used up and deleted).
+    # Private keys as enrolled (before any one-time prekey is used up and deleted), read through
+    # each idle client's own open store.
     for name in ("alice", "bob", "phone"):
-        devices.secrets |= client_secrets(tmp_path / f"{name}.db", store_key(name))
+        devices.secrets |= client_secrets(getattr(devices, name)._store.load(), store_key(name))
     with trio.fail_after(30):
         async with alice.connect(), bob.connect():
             await alice.approve_device(phone.device_id, phone.identity_key)
@@ -115,7 +120,7 @@ async def exchange_canaries(tmp_path: Path, connector: Connector) -> Devices:
     for client in (alice, bob, phone):
         await client.aclose()
     for name in ("alice", "bob", "phone"):
-        devices.secrets |= client_secrets(tmp_path / f"{name}.db", store_key(name))
+        devices.secrets |= client_secrets(stored_snapshot(tmp_path / f"{name}.db", store_key(name)), store_key(name))
     assert len(devices.secrets) > 3 * OPTIONS.one_time_prekeys      # the search covers every prekey too
     return devices
 

@@ -9,8 +9,11 @@ when a prekey message was accepted.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import trio
@@ -69,6 +72,25 @@ async def test_concurrent_sends_share_commits_and_arrive_in_encryption_order(wor
     await bob.aclose()
 
 
+def committed_sessions(path: Path, key: bytes) -> dict[str, bytes]:
+    """The sessions a crash right now would recover: a copy of the store file and its WAL, opened.
+
+    The running client holds its store exclusively (``StoreInUse``); the copy also shows
+    only committed transactions (WAL recovery stops at the last commit), not staged rows.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / path.name
+        shutil.copyfile(path, copy)
+        wal = path.with_name(path.name + "-wal")
+        if wal.exists():
+            shutil.copyfile(wal, copy.with_name(copy.name + "-wal"))
+        store = Store.open(copy, store_key=key)
+        try:
+            return store.load().sessions
+        finally:
+            store.close()
+
+
 class CheckStoredBeforeSend(Transport):
     """Before each ``send`` op leaves, reads the sender's store file: the ratchet must be past it."""
 
@@ -86,11 +108,7 @@ class CheckStoredBeforeSend(Transport):
             for payload in request["payloads"]:
                 if payload["devices"] == [self.peer]:
                     message = RatchetMessage.from_bytes(parse_message(payload["ciphertext"]).body)
-                    store = Store.open(self.store_path, store_key=self.store_key)
-                    try:
-                        stored = store.load().sessions[self.peer]
-                    finally:
-                        store.close()
+                    stored = committed_sessions(Path(self.store_path), self.store_key)[self.peer]
                     ratchet = Session.from_bytes(codec.decode(stored)[0]).ratchet
                     sent, _, previous = ratchet.counters
                     # The stored chain is this message's (and counts it), or a later one (a reply
@@ -133,6 +151,7 @@ async def test_every_ciphertext_leaves_after_its_ratchet_state_is_on_disk(world)
         assert CheckStoredBeforeSend.checked >= 12          # the 12 sends (and any receipt)
         assert sorted(m.text for m in got) == sorted(f"m{i}" for i in range(12))
         # A restart from the store continues the chain: nothing is numbered twice.
+        await alice.aclose()
         restarted = await world.reopen("alice")
         async with restarted.connect():
             await restarted.send(BOB, "after a restart")
@@ -140,7 +159,6 @@ async def test_every_ciphertext_leaves_after_its_ratchet_state_is_on_disk(world)
         assert after.text == "after a restart"
         assert not pending_security_events(bob)
     await restarted.aclose()
-    await alice.aclose()
     await bob.aclose()
 
 
