@@ -22,6 +22,8 @@ def server_address(domain: str) -> str:
 
 
 class FederationDisabled(RequestRejected):
+    """A remote user or device on a server that does not federate: to the client, an unknown domain."""
+
     code = ErrorCode.UNKNOWN_DOMAIN
 
 

@@ -23,6 +23,7 @@ from homeserver.clock import Clock
 from homeserver.config import Config
 from homeserver.connection import Session
 from homeserver.handlers.directory import DeviceDirectory
+from homeserver.handlers.federation_common import FederationDisabled
 from homeserver.ratelimit import RateLimiter
 from homeserver.storage.models import AccountStore, DeviceState, DeviceStore, MailboxStore, device_address
 from homeserver.transport_codes import CLOSE_REVOKED
@@ -48,15 +49,14 @@ class KeysHandler:
     def _remote(self) -> RemoteKeys:
         """Remote keys; only reached for a remote user, which ``_user`` refuses without federation."""
         if self.remote is None:
-            raise RequestRejected("federation is not enabled", code=ErrorCode.UNKNOWN_DOMAIN)
+            raise FederationDisabled("federation is not enabled")
         return self.remote
 
     def _user(self, text: str) -> tuple[str, bool]:
         """(normalised user address, whether it is served here); remote ones need federation."""
         user = UserAddress.parse(text)
         if user.domain != self.config.domain and self.remote is None:
-            raise RequestRejected(f"{user.domain} is not served here (federation is not enabled)",
-                                  code=ErrorCode.UNKNOWN_DOMAIN)
+            raise FederationDisabled(f"{user.domain} is not served here (federation is not enabled)")
         return str(user), user.domain == self.config.domain
 
     # -- uploads ------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from homeserver.clock import Clock
 from homeserver.config import Config
 from homeserver.connection import Deferred, Session
 from homeserver.handlers.directory import DeviceDirectory
+from homeserver.handlers.federation_common import FederationDisabled
 from homeserver.ratelimit import RateLimiter
 from homeserver.storage.models import (
     DeliverResult, DeliveryPlan, DeviceState, MailboxEntry, MailboxStore, OutboundDraft,
@@ -246,8 +247,8 @@ class MailboxHandler:
                     given_of_user = by_user[user] = set()
                     if address.domain != self.config.domain:
                         if self.remote is None:
-                            raise RequestRejected(f"{address.domain} is not served here "
-                                                  "(federation is not enabled)", code=ErrorCode.UNKNOWN_DOMAIN)
+                            raise FederationDisabled(f"{address.domain} is not served here "
+                                                     "(federation is not enabled)")
                         remote_users.add(user)
                 given_of_user.add(address.device_id)
         # The sender's own user is always a recipient: every send also reaches
@@ -341,7 +342,7 @@ class MailboxHandler:
     def _remote(self) -> RemoteKeys:
         """Remote keys; only reached for a remote device, which coverage refuses without federation."""
         if self.remote is None:
-            raise RequestRejected("federation is not enabled", code=ErrorCode.UNKNOWN_DOMAIN)
+            raise FederationDisabled("federation is not enabled")
         return self.remote
 
     def on_delivered(self, result: DeliverResult) -> None:

@@ -1,5 +1,7 @@
 """Every handler over the memory transport, asserting what a client sees."""
 
+import dataclasses
+
 import pytest
 import trio
 
@@ -291,3 +293,20 @@ def test_discovery_document_behind_a_proxy_names_public_endpoints(tmp_path):
     endpoints = discovery_document(hs)["endpoints"]
     assert endpoints == {"c2s": "wss://chat.example.org/c2s", "fed": "wss://chat.example.org/fed",
                          "http": "https://chat.example.org"}
+
+
+async def test_a_server_that_does_not_federate_answers_unknown_domain_for_remote_users(tmp_path):
+    config = make_config(tmp_path)
+    config = config.replace(federation=dataclasses.replace(config.federation, enabled=False))
+    async with running_server(config) as (_, network):
+        [alice] = await _user_with_devices(network, n_extra=0)
+        async with connect(network) as rpc:
+            await authenticate(rpc, alice, DOMAIN)
+            remote = "bob@elsewhere.example"
+            for op, params in (("claim", {"user": remote}),
+                               ("send", {"message_id": "0" * 32, "ephemeral": False,
+                                         "payloads": [{"devices": [f"{remote}/BBBBBBBBBB"], "ciphertext": b"x"}]})):
+                with pytest.raises(RemoteError) as exc:
+                    await rpc.request(op, **params)
+                assert exc.value.code == ErrorCode.UNKNOWN_DOMAIN, op
+                assert "federation is not enabled" in exc.value.info.message, op
