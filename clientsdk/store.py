@@ -46,12 +46,12 @@ from clientsdk.errors import (
     StoreCorrupted,
     StoreError,
     StoreExists,
-    StoreInUse,
     StoreKeyInvalid,
     StoreMissing,
     StoreVersionUnsupported,
 )
 from clientsdk.row_sealer import RowSealer
+from clientsdk.store_file import db_error, insert_rows, open_engine, present_rows
 from federation import codec
 from federation.errors import CodecError, ProtocolError
 
@@ -141,14 +141,6 @@ class Snapshot:
     contacts: dict[str, dict[str, Any]]
 
 
-def _fail_db(exc: Exception) -> StoreError:
-    cause = getattr(exc, "orig", exc)           # SQLAlchemy wraps the sqlite3 error
-    if isinstance(cause, sqlite3.OperationalError) and "locked" in str(cause):
-        return StoreInUse("the store is open elsewhere (another process, or a client still running): "
-                          "a device's store is used by one client at a time")
-    return StoreCorrupted(f"store file is unreadable ({type(exc).__name__})")
-
-
 class Store:
     """An open client store.  Synchronous; not safe for concurrent calls (the client serialises them)."""
 
@@ -186,7 +178,7 @@ class Store:
             kdf = kdf or KdfParams()
             kdf_record = {"alg": "argon2id", "ops": kdf.opslimit, "mem": kdf.memlimit, "salt": salt}
         key = _derive_key(kdf_record, store_key, passphrase)
-        engine = _engine(path)
+        engine = open_engine(path)
         store_id = os.urandom(16)
         store = cls(engine, key, store_id)
         try:
@@ -200,7 +192,7 @@ class Store:
                 ])
         except SQLAlchemyError as exc:
             engine.dispose()
-            raise _fail_db(exc) from None
+            raise db_error(exc) from None
         return store
 
     @classmethod
@@ -210,13 +202,13 @@ class Store:
         path = Path(path)
         if not path.is_file():
             raise StoreMissing("no store at this path")
-        engine = _engine(path)
+        engine = open_engine(path)
         try:
             with engine.connect() as conn:
                 rows = {r.name: r.value for r in conn.execute(sa.select(meta_table))}
         except SQLAlchemyError as exc:
             engine.dispose()
-            raise _fail_db(exc) from None
+            raise db_error(exc) from None
         try:
             if rows.get("schema_version") != str(SCHEMA_VERSION).encode():
                 if "schema_version" in rows:
@@ -301,7 +293,7 @@ class Store:
                         raise StoreCorrupted("a contacts row does not parse")
                     contacts[obj["user"]] = obj
         except SQLAlchemyError as exc:
-            raise _fail_db(exc) from None
+            raise db_error(exc) from None
         self._kv_committed = dict(kv)
         return Snapshot(kv, sessions, contacts)
 
@@ -313,9 +305,9 @@ class Store:
         try:
             with self._engine.connect() as conn:
                 db = cast(sqlite3.Connection, conn.connection.driver_connection)    # a pysqlite engine
-                found = _present(db, "processed", list(wanted))
+                found = present_rows(db, "processed", list(wanted))
         except (SQLAlchemyError, sqlite3.Error) as exc:
-            raise _fail_db(exc) from None
+            raise db_error(exc) from None
         return {wanted[rid] for rid in found}
 
     def history(self, conversation: str, limit: int = 100) -> list[HistoryEntry]:
@@ -326,7 +318,7 @@ class Store:
                 rows = conn.execute(sa.select(messages_table).where(messages_table.c.conversation == conv)
                                     .order_by(messages_table.c.seq.desc()).limit(limit)).all()
         except SQLAlchemyError as exc:
-            raise _fail_db(exc) from None
+            raise db_error(exc) from None
         return [self._entry(r.rid, conv, r.value) for r in reversed(rows)]
 
     def _entry(self, rid: bytes, conv: bytes, sealed: bytes) -> HistoryEntry:
@@ -343,7 +335,7 @@ class Store:
                 row = conn.execute(sa.select(messages_table).where(
                     messages_table.c.rid == self.row_id("message", message_id))).first()
         except SQLAlchemyError as exc:
-            raise _fail_db(exc) from None
+            raise db_error(exc) from None
         return None if row is None else self._entry(row.rid, row.conversation, row.value)
 
     def all_history(self) -> list[HistoryEntry]:
@@ -352,7 +344,7 @@ class Store:
             with self._engine.connect() as conn:
                 rows = conn.execute(sa.select(messages_table).order_by(messages_table.c.seq)).all()
         except SQLAlchemyError as exc:
-            raise _fail_db(exc) from None
+            raise db_error(exc) from None
         return [self._entry(r.rid, r.conversation, r.value) for r in rows]
 
     def get_kv(self, name: str) -> bytes | None:
@@ -361,7 +353,7 @@ class Store:
             with self._engine.connect() as conn:
                 row = conn.execute(sa.select(kv_table.c.value).where(kv_table.c.name == name)).first()
         except SQLAlchemyError as exc:
-            raise _fail_db(exc) from None
+            raise db_error(exc) from None
         return None if row is None else self._open("kv", name.encode(), row.value)
 
     def recent_history(self, per_conversation: int) -> tuple[list[HistoryEntry], int, int]:
@@ -378,7 +370,7 @@ class Store:
                                     .order_by(ranked.c.seq)).all()
                 total, last = conn.execute(sa.select(sa.func.count(), sa.func.max(messages_table.c.seq))).one()
         except SQLAlchemyError as exc:
-            raise _fail_db(exc) from None
+            raise db_error(exc) from None
         return [self._entry(r.rid, r.conversation, r.value) for r in rows], last or 0, total
 
     def history_after(self, seq: int, limit: int) -> tuple[list[HistoryEntry], int]:
@@ -388,7 +380,7 @@ class Store:
                 rows = conn.execute(sa.select(messages_table).where(messages_table.c.seq > seq)
                                     .order_by(messages_table.c.seq).limit(limit)).all()
         except SQLAlchemyError as exc:
-            raise _fail_db(exc) from None
+            raise db_error(exc) from None
         return [self._entry(r.rid, r.conversation, r.value) for r in rows], rows[-1].seq if rows else seq
 
     def known_message_ids(self, message_ids: Iterable[str]) -> set[str]:
@@ -401,7 +393,7 @@ class Store:
                 found = conn.execute(sa.select(messages_table.c.rid)
                                      .where(messages_table.c.rid.in_(list(wanted)))).scalars().all()
         except SQLAlchemyError as exc:
-            raise _fail_db(exc) from None
+            raise db_error(exc) from None
         return {wanted[rid] for rid in found}
 
     # -- writes --
@@ -430,22 +422,22 @@ class Store:
             db = self._writer()
             try:
                 if kv:
-                    _insert_rows(db, "INSERT OR REPLACE INTO kv (name, value)",
+                    insert_rows(db, "INSERT OR REPLACE INTO kv (name, value)",
                                  [(name, self._seal("kv", name.encode(), value)) for name, value in kv.items()])
                 if batch.deleted_sessions:
                     db.executemany("DELETE FROM sessions WHERE rid = ?",
                                    [(self.row_id("session", device),) for device in batch.deleted_sessions])
                 if batch.sessions:
-                    _insert_rows(db, "INSERT OR REPLACE INTO sessions (rid, value)",
+                    insert_rows(db, "INSERT OR REPLACE INTO sessions (rid, value)",
                                  [self._sealed_row("sessions", self.row_id("session", device),
                                                    {"device": device, "state": state})
                                   for device, state in batch.sessions.items()])
                 if batch.contacts:
-                    _insert_rows(db, "INSERT OR REPLACE INTO contacts (rid, value)",
+                    insert_rows(db, "INSERT OR REPLACE INTO contacts (rid, value)",
                                  [self._sealed_row("contacts", self.row_id("contact", user), {**record, "user": user})
                                   for user, record in batch.contacts.items()])
                 if batch.processed:
-                    _insert_rows(db, "INSERT OR IGNORE INTO processed (rid, seen_ms)",
+                    insert_rows(db, "INSERT OR IGNORE INTO processed (rid, seen_ms)",
                                  [(self.row_id("processed", key), now_ms) for key in batch.processed])
                 if batch.messages:
                     self._insert_messages(db, batch.messages)
@@ -453,7 +445,7 @@ class Store:
                 db.rollback()
                 raise
         except (SQLAlchemyError, sqlite3.Error) as exc:
-            raise _fail_db(exc) from None
+            raise db_error(exc) from None
         self._kv_staged = kv
         return True
 
@@ -463,7 +455,7 @@ class Store:
         try:
             self._writer().rollback()
         except (SQLAlchemyError, sqlite3.Error) as exc:
-            raise _fail_db(exc) from None
+            raise db_error(exc) from None
 
     def commit_staged(self) -> None:
         """Commit what ``stage`` wrote (the fsync); on failure it is rolled back and nothing changed."""
@@ -475,7 +467,7 @@ class Store:
                 db.rollback()
                 raise
         except (SQLAlchemyError, sqlite3.Error) as exc:
-            raise _fail_db(exc) from None
+            raise db_error(exc) from None
         finally:
             kv, self._kv_staged = self._kv_staged, {}
         self._kv_committed.update(kv)
@@ -508,14 +500,14 @@ class Store:
                 db.execute("INSERT INTO messages (conversation, rid, value) VALUES (?, ?, ?)",
                            self._message_row(entries[0], os.urandom(32)))
             return
-        taken = _present(db, "messages", rids)
+        taken = present_rows(db, "messages", rids)
         rows = []
         for entry, rid in zip(entries, rids):
             if rid in taken:
                 rid = os.urandom(32)
             taken.add(rid)
             rows.append(self._message_row(entry, rid))
-        _insert_rows(db, "INSERT INTO messages (conversation, rid, value)", rows)
+        insert_rows(db, "INSERT INTO messages (conversation, rid, value)", rows)
 
     def _message_row(self, entry: HistoryEntry, rid: bytes) -> tuple[bytes, bytes, bytes]:
         conv = self.row_id("conversation", entry.conversation)
@@ -533,55 +525,7 @@ class Store:
                 return conn.execute(processed_table.delete().where(
                     processed_table.c.seen_ms < older_than_ms)).rowcount
         except SQLAlchemyError as exc:
-            raise _fail_db(exc) from None
-
-
-_ROWS_PER_STATEMENT = 500          # far below SQLite's limit of bound variables
-
-
-def _insert_rows(db: sqlite3.Connection, head: str, rows: list[tuple[Any, ...]]) -> int:
-    """``head VALUES (..), (..)``: one SQLite step (one GIL release) for many rows; returns rows changed."""
-    changed = 0
-    width = "(" + ", ".join("?" * len(rows[0])) + ")"
-    for start in range(0, len(rows), _ROWS_PER_STATEMENT):
-        chunk = rows[start:start + _ROWS_PER_STATEMENT]
-        changed += db.execute(f"{head} VALUES {', '.join([width] * len(chunk))}",
-                              [value for row in chunk for value in row]).rowcount
-    return changed
-
-
-def _present(db: sqlite3.Connection, table: str, rids: list[bytes]) -> set[bytes]:
-    """Which of ``rids`` are in ``table`` (one SELECT per 500)."""
-    found: set[bytes] = set()
-    for start in range(0, len(rids), _ROWS_PER_STATEMENT):
-        chunk = rids[start:start + _ROWS_PER_STATEMENT]
-        found.update(row[0] for row in db.execute(
-            f"SELECT rid FROM {table} WHERE rid IN ({', '.join('?' * len(chunk))})", chunk))
-    return found
-
-
-def _engine(path: Path) -> sa.Engine:
-    """The store's one connection, which holds the file exclusively until ``Store.close``.
-
-    Two clients on one store would each advance their own copy of the same ratchets and
-    encrypt different messages under the same message keys (and nonces): the first
-    access takes an exclusive lock that is never released while open (SQLite's
-    ``locking_mode=EXCLUSIVE``; in WAL mode it also keeps the WAL index in memory, no
-    ``-shm`` file), so a second opener gets ``StoreInUse`` at once (``timeout``).  The OS
-    drops the lock when a process dies, so a crash never leaves the store locked.
-    """
-    engine = sa.create_engine(f"sqlite:///{path}", connect_args={"check_same_thread": False, "timeout": 0.2},
-                              poolclass=sa.pool.StaticPool)
-
-    @sa.event.listens_for(engine, "connect")
-    def _pragmas(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
-        cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA locking_mode=EXCLUSIVE")
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=FULL")
-        cur.close()
-
-    return engine
+            raise db_error(exc) from None
 
 
 def _derive_key(kdf_record: dict[str, Any], store_key: bytes | None, passphrase: str | None) -> bytes:
