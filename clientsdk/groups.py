@@ -356,7 +356,7 @@ class GroupsMixin(GroupReceiveMixin, GroupHealingMixin, GroupStoreMixin):
                 obj = codec.decode(self._content_for(template, user, users))
                 obj["group"] = special.get(user, bundle)
                 plaintexts[user] = codec.encode(obj)
-            payloads.append({"devices": [address], "ciphertext": self._sessions.encrypt(address, plaintexts[user])})
+            payloads.append({"devices": [address], "ciphertext": self._sessions.encrypt(address, plaintexts[user])[0]})
             batch.sessions[address] = self._sessions.state_bytes(address)
         return payloads
 

@@ -337,7 +337,7 @@ class HistoryMixin(ClientParts):
                 payloads = []
                 for address in [device, *targets]:
                     payloads.append({"devices": [address], "ciphertext": self._sessions.encrypt(
-                        address, private if address == device else stub)})
+                        address, private if address == device else stub)[0]})
                     batch.sessions[address] = self._sessions.state_bytes(address)
                 await self._persist(batch)          # ratchet steps are durable before ciphertext leaves
             try:

@@ -104,7 +104,7 @@ class DeliveryRepairMixin(ClientParts):
                 batch = Batch()
                 payloads = []
                 for address in targets:
-                    payloads.append({"devices": [address], "ciphertext": self._sessions.encrypt(address, plaintext)})
+                    payloads.append({"devices": [address], "ciphertext": self._sessions.encrypt(address, plaintext)[0]})
                     batch.sessions[address] = self._sessions.state_bytes(address)
                 await self._persist(batch)
             try:

@@ -58,12 +58,45 @@ class SessionBook:
         self._encoded.pop(address, None)
         return self._sessions.pop(address, None) is not None
 
-    def encrypt(self, address: str, plaintext: bytes) -> bytes:
+    def encrypt(self, address: str, plaintext: bytes) -> tuple[bytes, bool]:
+        """(ciphertext, durable): if ``durable``, the new state must be fsynced before the ciphertext
+        leaves (its send lease grew: ``Session.renew_send_lease``); else an unsynced write will do."""
         sessions = self._sessions.get(address)
         if not sessions:
             raise NoSession("no session with this device")
         self._encoded.pop(address, None)
-        return sessions[0].encrypt(plaintext)
+        durable = sessions[0].renew_send_lease()
+        return sessions[0].encrypt(plaintext), durable
+
+    def recover_send_leases(self) -> list[str]:
+        """After loading from the store: skip every reserved sending index; the devices whose state moved.
+
+        A session that cannot skip (a reservation beyond ``MAX_SKIP``: only a damaged
+        state) is dropped rather than risk a reused key; the next send starts a new one.
+        """
+        changed = []
+        for address, sessions in list(self._sessions.items()):
+            try:
+                moved = [session.recover_send_lease() for session in sessions]
+            except CryptoError:
+                del self._sessions[address]
+                moved = [True]
+            if any(moved):
+                self._encoded.pop(address, None)
+                changed.append(address)
+        return changed
+
+    def release_send_leases(self) -> list[str]:
+        """Before a clean close (``Session.release_send_lease``); the devices whose state changed."""
+        changed = []
+        for address, sessions in self._sessions.items():
+            before = self.state_bytes(address)
+            for session in sessions:
+                session.release_send_lease()
+            self._encoded.pop(address, None)
+            if self.state_bytes(address) != before:
+                changed.append(address)
+        return changed
 
     def _promote(self, address: str, index: int) -> None:
         sessions = self._sessions[address]

@@ -158,6 +158,7 @@ class Store:
         self._kv_staged: dict[str, bytes] = {}
         self._sealer = RowSealer(key)
         self._raw: PoolProxiedConnection | None = None      # see ``_writer``
+        self._unsynced_staged = False       # the open transaction commits without fsync (``stage``)
 
     def __repr__(self) -> str:
         return "Store(<open>)"
@@ -403,7 +404,7 @@ class Store:
         if self.stage(batch, now_ms):
             self.commit_staged()
 
-    def stage(self, batch: Batch, now_ms: int = 0) -> bool:
+    def stage(self, batch: Batch, now_ms: int = 0, durable: bool = True) -> bool:
         """Write a batch's rows into an open transaction, not committed yet; False if there is nothing to write.
 
         The two halves of ``apply``.  Staging is cheap (no fsync; rows sealed, one
@@ -413,6 +414,12 @@ class Store:
         work apiece under load.  Talks to the sqlite3 connection directly
         (SQLAlchemy's per-statement overhead was ~40 µs).  A kv value equal to the one
         last committed is not written again.  On an error the transaction is rolled back.
+
+        ``durable=False`` commits this one transaction without the fsync
+        (``synchronous=NORMAL``: in WAL mode it survives a crash of the process, not a
+        power cut, and the next fsynced commit makes it durable too, in order).  Only for
+        writes whose loss on a power cut is safe: a sender's ratchet steps inside its send
+        lease (``clientsdk.crypto.session``) and its own copy of what it sent.
         """
         kv = {name: value for name, value in batch.kv.items() if self._kv_committed.get(name) != value}
         if not (kv or batch.deleted_sessions or batch.sessions or batch.contacts or batch.processed
@@ -420,6 +427,9 @@ class Store:
             return False
         try:
             db = self._writer()
+            if not durable:                 # before the first statement opens the transaction
+                db.execute("PRAGMA synchronous=NORMAL")
+                self._unsynced_staged = True
             try:
                 if kv:
                     insert_rows(db, "INSERT OR REPLACE INTO kv (name, value)",
@@ -443,6 +453,7 @@ class Store:
                     self._insert_messages(db, batch.messages)
             except BaseException:
                 db.rollback()
+                self._end_unsynced(db)
                 raise
         except (SQLAlchemyError, sqlite3.Error) as exc:
             raise db_error(exc) from None
@@ -453,7 +464,9 @@ class Store:
         """Roll back what ``stage`` wrote when ``commit_staged`` never ran (e.g. no thread to run it in)."""
         self._kv_staged = {}
         try:
-            self._writer().rollback()
+            db = self._writer()
+            db.rollback()
+            self._end_unsynced(db)
         except (SQLAlchemyError, sqlite3.Error) as exc:
             raise db_error(exc) from None
 
@@ -466,11 +479,19 @@ class Store:
             except BaseException:
                 db.rollback()
                 raise
+            finally:
+                self._end_unsynced(db)
         except (SQLAlchemyError, sqlite3.Error) as exc:
             raise db_error(exc) from None
         finally:
             kv, self._kv_staged = self._kv_staged, {}
         self._kv_committed.update(kv)
+
+    def _end_unsynced(self, db: sqlite3.Connection) -> None:
+        """Back to ``synchronous=FULL`` after an unsynced transaction: every other write is fsynced."""
+        if self._unsynced_staged:
+            self._unsynced_staged = False
+            db.execute("PRAGMA synchronous=FULL")
 
     def _writer(self) -> sqlite3.Connection:
         """The engine's one sqlite3 connection (``StaticPool``), checked out once for ``apply``.

@@ -218,6 +218,22 @@ class RatchetState:
         ciphertext, tag = seal(message_key, associated_data, header, plaintext)
         return RatchetMessage(header, ciphertext, tag)
 
+    def skip_sending_to(self, number: int) -> None:
+        """Advance the sending chain to ``number``, dropping the keys in between unused.
+
+        After a restart from a store that may be older than what was sent (see
+        ``Session.recover_send_lease``): the next message then uses a key that never
+        left.  The receiver keeps the skipped ones (``MAX_SKIP`` bounds the gap).
+        """
+        if self._cks is None or number <= self._ns:
+            return
+        if number - self._ns > MAX_SKIP or number > U32_MAX:
+            raise TooManySkipped("sending gap larger than MAX_SKIP")
+        chain = self._cks
+        for _ in range(number - self._ns):
+            chain, _key = kdf_ck(chain)
+        self._cks, self._ns = chain, number
+
     def decrypt(self, message: RatchetMessage, associated_data: bytes, now_ms: int, rng: Rng) -> bytes:
         """Decrypt and advance; on any error the state is unchanged.
 

@@ -25,7 +25,7 @@ from clientsdk.crypto.errors import InvalidKey, MalformedMessage, UnsupportedVer
 from clientsdk.crypto.identity import DeviceIdentity, PrekeyStore
 from clientsdk.crypto.pqxdh import Encapsulate, InitialMessage, initiate, mlkem_encapsulate, respond
 from clientsdk.crypto.primitives import Rng, system_rng
-from clientsdk.crypto.ratchet import RatchetMessage, RatchetState
+from clientsdk.crypto.ratchet import U32_MAX, RatchetMessage, RatchetState
 from federation import codec
 from federation.addresses import DeviceAddress
 from federation.errors import AddressError, CodecError, ProtocolError
@@ -38,6 +38,8 @@ PREKEY = "prekey"
 NORMAL = "msg"
 _PREKEY_FIELDS = {"v", "type", "ik", "ek", "spk", "otk", "pq", "kem", "body"}
 _NORMAL_FIELDS = {"v", "type", "body"}
+SEND_LEASE = 32
+"""Message indices a sender reserves per durable store write (``Session.renew_send_lease``)."""
 _STATE_LIMITS = codec.Limits(max_bytes=4 << 20, max_items=40_000, max_container=10_000)
 
 
@@ -102,11 +104,11 @@ class Session:
     """One ratchet session with one remote device; serialises to versioned bytes."""
 
     __slots__ = ("my_address", "their_address", "their_identity_key", "associated_data", "initiator",
-                 "initial_hash", "_pending", "_ratchet")
+                 "initial_hash", "_pending", "_ratchet", "_send_lease")
 
     def __init__(self, my_address: DeviceAddress, their_address: DeviceAddress, their_identity_key: bytes,
                  associated_data: bytes, initiator: bool, initial_hash: bytes,
-                 pending: InitialMessage | None, ratchet: RatchetState) -> None:
+                 pending: InitialMessage | None, ratchet: RatchetState, send_lease: int = 0) -> None:
         self.my_address = my_address
         self.their_address = their_address
         self.their_identity_key = their_identity_key
@@ -115,6 +117,7 @@ class Session:
         self.initial_hash = initial_hash        # identifies the PQXDH run this session came from
         self._pending = pending                 # PQXDH fields to send until the first reply
         self._ratchet = ratchet
+        self._send_lease = send_lease           # sending indices below it may have left unsynced
 
     def __repr__(self) -> str:
         return f"Session({self.my_address} -> {self.their_address}, awaiting_reply={self.awaiting_reply})"
@@ -143,6 +146,43 @@ class Session:
             return PrekeyMessage(self._pending, body).to_bytes()
         return NormalMessage(body).to_bytes()
 
+    # -- the send lease: which states must be fsynced before their ciphertext leaves --
+    #
+    # A sender whose store rolls back (a power cut loses what was written but not yet
+    # fsynced) must never encrypt again under a message key that already left.  Rather
+    # than fsync every send, a durable write reserves SEND_LEASE indices of the current
+    # sending chain: sends inside the reservation are stored without waiting for the
+    # disk, and a restart from any older state first skips the whole reservation.
+
+    # A DH step on receipt starts a new chain with a lease already reserved: the receiving
+    # client stores that state durably anyway (before its ack).
+
+    def renew_send_lease(self) -> bool:
+        """Before ``encrypt``: True if the next index lies beyond the reservation, which then grows.
+
+        On True the state (with the new reservation) must be durable before the
+        ciphertext leaves; on False an unsynced write is enough.
+        """
+        number = self._ratchet.counters[0]
+        if number < self._send_lease:
+            return False
+        self._send_lease = number + SEND_LEASE
+        return True
+
+    def recover_send_lease(self) -> bool:
+        """After a restart: skip the sending chain past every reserved index; True if it moved.
+
+        The stored state may predate sends that left (unsynced); indices below the
+        reservation may have been used, so the next message starts at its end.
+        """
+        before = self._ratchet.counters[0]
+        self._ratchet.skip_sending_to(self._send_lease)
+        return self._ratchet.counters[0] != before
+
+    def release_send_lease(self) -> None:
+        """Before a clean close: nothing unsynced will be lost, so a restart need skip nothing."""
+        self._send_lease = min(self._send_lease, self._ratchet.counters[0])
+
     def belongs_here(self, message: PrekeyMessage) -> bool:
         """True if a prekey message continues this (responder) session rather than starting a new one."""
         return not self.initiator and message.initial.replay_hash == self.initial_hash
@@ -157,8 +197,13 @@ class Session:
         message = parse_message(data) if isinstance(data, bytes) else data
         if isinstance(message, PrekeyMessage) and not self.belongs_here(message):
             raise MalformedMessage("prekey message does not belong to this session")
+        sending_key = self._ratchet.ratchet_public_key
         plaintext = self._ratchet.decrypt(RatchetMessage.from_bytes(message.body), self.associated_data,
                                           now_ms, rng)
+        if self._ratchet.ratchet_public_key != sending_key:
+            # A DH step: a new sending chain (from fresh randomness, so a state rolled back to
+            # before it never meets its keys again).  Its first lease comes with this state.
+            self._send_lease = SEND_LEASE
         self._pending = None     # a reply decrypted: the peer has the session
         return plaintext
 
@@ -168,7 +213,7 @@ class Session:
         obj: dict[str, Any] = {
             "v": STATE_VERSION, "me": str(self.my_address), "them": str(self.their_address),
             "their_ik": self.their_identity_key, "ad": self.associated_data, "initiator": self.initiator,
-            "initial_hash": self.initial_hash, "ratchet": self._ratchet.to_wire(),
+            "initial_hash": self.initial_hash, "ratchet": self._ratchet.to_wire(), "send_lease": self._send_lease,
         }
         if self._pending is not None:
             obj["pending"] = PrekeyMessage(self._pending, b"").to_bytes()
@@ -189,9 +234,20 @@ class Session:
             return cls(DeviceAddress.parse(field(obj, "me", str)), DeviceAddress.parse(field(obj, "them", str)),
                        field(obj, "their_ik", bytes, length=32), field(obj, "ad", bytes),
                        field(obj, "initiator", bool), field(obj, "initial_hash", bytes, length=32), pending,
-                       RatchetState.from_wire(obj.get("ratchet")))
+                       RatchetState.from_wire(obj.get("ratchet")),
+                       _send_lease(obj))
         except (CodecError, ProtocolError, AddressError) as exc:
             raise MalformedMessage(f"malformed session state: {exc.message}") from None
+
+
+def _send_lease(state: dict[str, Any]) -> int:
+    """The stored reservation (absent in states written before it existed: nothing reserved)."""
+    if "send_lease" not in state:
+        return 0
+    lease = non_negative(field(state, "send_lease", int), "send_lease")
+    if lease > U32_MAX:
+        raise MalformedMessage("malformed session state: send lease out of range")
+    return lease
 
 
 def accept_prekey_message(me: DeviceIdentity, my_address: DeviceAddress, prekeys: PrekeyStore,

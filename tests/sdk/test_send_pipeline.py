@@ -22,7 +22,7 @@ import trio.testing
 from clientsdk.client import GroupCommit, _new_message_id
 from clientsdk.connection import memory_connector
 from clientsdk.crypto.ratchet import RatchetMessage
-from clientsdk.crypto.session import Session, parse_message
+from clientsdk.crypto.session import SEND_LEASE, Session, parse_message
 from clientsdk.errors import StoreCorrupted
 from clientsdk.store import Batch, Store
 from federation import codec
@@ -53,16 +53,16 @@ async def test_concurrent_sends_share_commits_and_arrive_in_encryption_order(wor
         commits: list[int] = []
         stage = alice._commits._stage
 
-        def counting(batch: Batch, now_ms: int) -> bool:
+        def counting(batch: Batch, now_ms: int, durable: bool) -> bool:
             commits.append(len(batch.messages))
-            return stage(batch, now_ms)
+            return stage(batch, now_ms, durable)
 
         alice._commits._stage = counting
         async with trio.open_nursery() as nursery:
             for i in range(16):
                 nursery.start_soon(alice.send, BOB, f"m{i:02d}")
         got = await collect(bob, 16)
-    assert sum(commits) == 16 and len(commits) < 16          # one fsync for several sends
+    assert sum(commits) == 16 and len(commits) < 16          # one commit for several sends
     sent = [h.text for h in await alice.history(BOB) if h.outgoing and h.text.startswith("m")]
     assert sorted(sent) == [f"m{i:02d}" for i in range(16)]
     assert [m.text for m in got] == sent                     # the order the ratchet numbered them
@@ -162,6 +162,82 @@ async def test_every_ciphertext_leaves_after_its_ratchet_state_is_on_disk(world)
     await bob.aclose()
 
 
+def _copy_store(source: Path, target: Path) -> None:
+    """The store file and its WAL, as they are on disk now (a missing WAL is missing in the copy)."""
+    shutil.copyfile(source, target)
+    wal, target_wal = source.with_name(source.name + "-wal"), target.with_name(target.name + "-wal")
+    target_wal.unlink(missing_ok=True)
+    if wal.exists():
+        shutil.copyfile(wal, target_wal)
+
+
+async def test_a_power_cut_reuses_no_message_key_and_loses_no_received_message(world, tmp_path):
+    """Sends inside a send lease are not fsynced: a power cut may lose the sender's own copy, never a key.
+
+    The test keeps a copy of alice's store at each fsynced commit; the "power cut"
+    puts the last copy back, as a disk would after losing unsynced writes.  No
+    receipts, so that every commit of alice's is one of the steps below.
+    """
+    alice, bob = await _pair(world)
+    alice._send_receipts = bob._send_receipts = False
+    synced = tmp_path / "synced.db"
+    sends_fsynced: list[bool] = []
+    stage, commit = alice._commits._stage, alice._commits._commit
+    last_durable = [True]
+
+    def staging(batch: Batch, now_ms: int, durable: bool) -> bool:
+        last_durable[0] = durable
+        if any(entry.outgoing for entry in batch.messages):
+            sends_fsynced.append(durable)
+        return stage(batch, now_ms, durable)
+
+    def committing() -> None:
+        commit()
+        if last_durable[0]:
+            _copy_store(world.path("alice"), synced)
+
+    alice._commits._stage, alice._commits._commit = staging, committing
+    async with alice.connect(), bob.connect():
+        await _greet(alice, bob)             # bob's reply gave alice a new chain, and its lease
+        for i in range(5):
+            await alice.send(BOB, f"m{i}")
+        got = await collect(bob, 5)
+    assert sends_fsynced == [True] + [False] * 5         # "hello" took the first lease; m0-m4 are inside one
+    alice._store.close()                                 # the process dies, then the power
+    _copy_store(synced, world.path("alice"))             # the disk keeps only what was fsynced
+    restarted = await world.reopen("alice")
+    async with restarted.connect(), bob.connect():
+        await restarted.send(BOB, "after the power cut")
+        got += await collect(bob, 1)
+    assert [m.text for m in got] == ["m0", "m1", "m2", "m3", "m4", "after the power cut"]
+    assert not pending_security_events(bob)              # no reused key, so no failed decryption
+    assert [h.text for h in await bob.history(ALICE)][-6:] == [m.text for m in got]
+    [session] = bob._sessions._sessions[f"{ALICE}/{alice.device_id}"][:1]
+    assert session.ratchet.skipped_count == SEND_LEASE - 5          # the restart skipped the whole lease
+    # What the cut lost: alice's own copy of the unsynced sends (her other devices have theirs).
+    assert [h.text for h in await restarted.history(BOB) if h.outgoing] == ["hello", "after the power cut"]
+    await restarted.aclose()
+    await bob.aclose()
+
+
+async def test_a_clean_close_returns_the_send_lease(world):
+    alice, bob = await _pair(world)
+    async with bob.connect():
+        async with alice.connect():
+            await _greet(alice, bob)
+            await alice.send(BOB, "before")
+            await collect(bob, 1)
+        await alice.aclose()
+        restarted = await world.reopen("alice")
+        async with restarted.connect():
+            await restarted.send(BOB, "after")
+            await collect(bob, 1)
+    [session] = bob._sessions._sessions[f"{ALICE}/{alice.device_id}"][:1]
+    assert session.ratchet.skipped_count == 0                   # the restart skipped no message key
+    await restarted.aclose()
+    await bob.aclose()
+
+
 async def test_live_envelope_whose_ack_was_lost_is_recognised_when_redelivered(world, autojump_clock):
     LoseFirstAck.fired = False
     alice, bob = await _pair(world)
@@ -224,7 +300,7 @@ def _group_commit(apply: Callable[[Batch, int], None]) -> GroupCommit:
     """A GroupCommit whose commit step (the one in a worker thread) runs ``apply`` on the staged batch."""
     staged: list[tuple[Batch, int]] = []
 
-    def stage(batch: Batch, now_ms: int) -> bool:
+    def stage(batch: Batch, now_ms: int, durable: bool) -> bool:
         staged.append((batch, now_ms))
         return True
 

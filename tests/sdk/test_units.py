@@ -90,8 +90,8 @@ def test_simultaneous_initiation_converges():
     a_book, b_book = SessionBook(), SessionBook()
     a_book.add(str(b_addr), Session.initiate(a_id, a_addr, b_bundle))
     b_book.add(str(a_addr), Session.initiate(b_id, b_addr, a_bundle))
-    from_a = a_book.encrypt(str(b_addr), b"a1")
-    from_b = b_book.encrypt(str(a_addr), b"b1")
+    from_a, _ = a_book.encrypt(str(b_addr), b"a1")
+    from_b, _ = b_book.encrypt(str(a_addr), b"b1")
     for book, me, my_addr, pre, sender, key, data in (
             (b_book, b_id, b_addr, b_pre, a_addr, a_id.public_key, from_a),
             (a_book, a_id, a_addr, a_pre, b_addr, b_id.public_key, from_b)):
@@ -99,9 +99,9 @@ def test_simultaneous_initiation_converges():
         assert book.decrypt_existing(str(sender), message, NOW) is None
         assert book.accept(me, my_addr, pre, sender, key, message, NOW) in (b"a1", b"b1")
     for i in range(3):   # ping-pong on whatever each side now considers current
-        out = a_book.encrypt(str(b_addr), b"a%d" % i)
+        out, _ = a_book.encrypt(str(b_addr), b"a%d" % i)
         assert b_book.decrypt_existing(str(a_addr), parse_message(out), NOW) == b"a%d" % i
-        back = b_book.encrypt(str(a_addr), b"b%d" % i)
+        back, _ = b_book.encrypt(str(a_addr), b"b%d" % i)
         assert a_book.decrypt_existing(str(b_addr), parse_message(back), NOW) == b"b%d" % i
     restored = SessionBook()
     restored.load(str(b_addr), a_book.state_bytes(str(b_addr)))
