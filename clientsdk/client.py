@@ -513,14 +513,16 @@ class Client(ConnectionMixin, InboxMixin, BackgroundMixin, BackupMixin, VerifyMi
                         plaintexts[user] = self._content_for(template, user, recipients)
                     ciphertext, renewed = self._sessions.encrypt(address, plaintexts[user])
                     payloads.append({"devices": [address], "ciphertext": ciphertext})
-                    batch.sessions[address] = self._sessions.state_bytes(address)
-                    durable = durable or renewed
+                    if renewed:         # inside a lease the stored state may lag: a restart skips the lease
+                        batch.sessions[address] = self._sessions.state_bytes(address)
+                        durable = True
                 if history is not None:
                     batch.messages.append(history)
                     history = None
                 # Queued under the lock, so store order is ratchet order; committed outside it,
                 # so concurrent sends share one commit (group commit).  Fsynced only when a send
                 # lease grew: inside one, a power cut can lose this write but no key is reused.
+                # Received messages store the whole session (fsynced) anyway.
                 commit = self._commits.add(batch, self._clock(), durable)
             # The send order lock is FIFO and taken before this task yields, so ciphertexts leave
             # in the order they were encrypted (a receiver need not skip and store keys).
