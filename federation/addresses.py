@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import lru_cache
 
 from federation.errors import AddressError
 
@@ -34,45 +35,69 @@ def parse_domain(text: str) -> str:
     return text
 
 
+# Addresses are parsed and printed several times per message (frames, sessions, rows):
+# the text is kept with the value, and recent parses are remembered (valid ones only:
+# an error is raised again each time).
+_PARSED_CACHE = 4096
+
+
 @dataclass(frozen=True, slots=True, order=True)
 class UserAddress:
     local: str
     domain: str
+    _text: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_text", f"{self.local}@{self.domain}")
 
     @classmethod
     def parse(cls, text: str) -> UserAddress:
         if not isinstance(text, str) or text.count("@") != 1:
             raise AddressError(f"invalid user address {text!r}: expected local@domain")
-        local, domain = text.split("@")
-        if not _LOCAL.fullmatch(local):
-            raise AddressError(f"invalid user name {local!r}: 1-64 of a-z 0-9 . _ = -")
-        return cls(local, parse_domain(domain))
+        return _parse_user(text)
 
     def device(self, device_id: str) -> DeviceAddress:
         return DeviceAddress(self, check_device_id(device_id))
 
     def __str__(self) -> str:
-        return f"{self.local}@{self.domain}"
+        return self._text
+
+
+@lru_cache(maxsize=_PARSED_CACHE)
+def _parse_user(text: str) -> UserAddress:
+    local, domain = text.split("@")
+    if not _LOCAL.fullmatch(local):
+        raise AddressError(f"invalid user name {local!r}: 1-64 of a-z 0-9 . _ = -")
+    return UserAddress(local, parse_domain(domain))
 
 
 @dataclass(frozen=True, slots=True, order=True)
 class DeviceAddress:
     user: UserAddress
     device_id: str
+    _text: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_text", f"{self.user}/{self.device_id}")
 
     @classmethod
     def parse(cls, text: str) -> DeviceAddress:
         if not isinstance(text, str) or text.count("/") != 1:
             raise AddressError(f"invalid device address {text!r}: expected local@domain/DEVICEID")
-        user, device_id = text.split("/")
-        return cls(UserAddress.parse(user), check_device_id(device_id))
+        return _parse_device(text)
 
     @property
     def domain(self) -> str:
         return self.user.domain
 
     def __str__(self) -> str:
-        return f"{self.user}/{self.device_id}"
+        return self._text
+
+
+@lru_cache(maxsize=_PARSED_CACHE)
+def _parse_device(text: str) -> DeviceAddress:
+    user, device_id = text.split("/")
+    return DeviceAddress(UserAddress.parse(user), check_device_id(device_id))
 
 
 def check_device_id(device_id: str) -> str:
