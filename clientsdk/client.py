@@ -152,41 +152,45 @@ class GroupCommit:
     async def wait(self, commit: _Commit) -> None:
         """Until ``commit`` is written (fsynced if durable); raises its ``StoreError`` (its batches share it)."""
         with trio.CancelScope(shield=True):
-            gathered = 0
-            while not commit.done.is_set():
-                if self._running or commit is not self._open:     # queued behind the running one
-                    await self._finished.wait()
-                    continue
-                if gathered < GATHER_ROUNDS:
-                    gathered += 1
-                    await trio.lowlevel.checkpoint()
-                    continue
-                self._open = None
-                self._running = True
-                written = False
-                try:
-                    async with self._limiter:             # the store's one connection is ours
-                        staged = self._stage(commit.batch, commit.now_ms, commit.durable)
-                        if staged and not commit.durable:
-                            self._commit()                # no fsync: a write to the WAL, ~20 µs
-                        elif staged:
-                            try:
-                                await trio.to_thread.run_sync(self._commit)
-                            except BaseException:
-                                # A failed commit rolled back already; one that never ran must not
-                                # leave its rows staged for the next commit to take along.
-                                self._abort()
-                                raise
-                    written = True
-                except StoreError as exc:
-                    commit.error = exc
-                finally:
-                    if not written and commit.error is None:      # anything else propagates from here
-                        commit.error = StoreError("the store write failed")
-                    self._running = False
-                    commit.done.set()
-                    finished, self._finished = self._finished, trio.Event()
-                    finished.set()
+            await self.wait_shielded(commit)
+
+    async def wait_shielded(self, commit: _Commit) -> None:
+        """``wait`` for a caller already inside a shielded scope (a cancel scope costs ~4 µs: one per send saved)."""
+        gathered = 0
+        while not commit.done.is_set():
+            if self._running or commit is not self._open:     # queued behind the running one
+                await self._finished.wait()
+                continue
+            if gathered < GATHER_ROUNDS:
+                gathered += 1
+                await trio.lowlevel.checkpoint()
+                continue
+            self._open = None
+            self._running = True
+            written = False
+            try:
+                async with self._limiter:             # the store's one connection is ours
+                    staged = self._stage(commit.batch, commit.now_ms, commit.durable)
+                    if staged and not commit.durable:
+                        self._commit()                # no fsync: a write to the WAL, ~20 µs
+                    elif staged:
+                        try:
+                            await trio.to_thread.run_sync(self._commit)
+                        except BaseException:
+                            # A failed commit rolled back already; one that never ran must not
+                            # leave its rows staged for the next commit to take along.
+                            self._abort()
+                            raise
+                written = True
+            except StoreError as exc:
+                commit.error = exc
+            finally:
+                if not written and commit.error is None:      # anything else propagates from here
+                    commit.error = StoreError("the store write failed")
+                self._running = False
+                commit.done.set()
+                finished, self._finished = self._finished, trio.Event()
+                finished.set()
         if commit.error is not None:
             raise commit.error
 
@@ -528,7 +532,7 @@ class Client(ConnectionMixin, InboxMixin, BackgroundMixin, BackupMixin, VerifyMi
             # in the order they were encrypted (a receiver need not skip and store keys).
             with trio.CancelScope(shield=True):
                 async with self._send_order:
-                    await self._commits.wait(commit)    # ratchet steps are stored before ciphertext leaves
+                    await self._commits.wait_shielded(commit)   # ratchet steps are stored before ciphertext leaves
             try:
                 await self._send_op(message_id, payloads, ephemeral)
                 return

@@ -114,8 +114,7 @@ class InboxMixin(ClientParts):
                 prekeys_changed = self._prekeys_changed
                 if prekeys_changed:             # else the stored prekey store is current (~0.3 ms to encode)
                     batch.kv["prekeys"] = self._prekeys.to_bytes()
-                with trio.CancelScope(shield=True):
-                    await self._persist(batch)
+                await self._persist(batch)      # shielded from its first checkpoint (GroupCommit.wait)
                 if prekeys_changed:
                     self._prekeys_changed = False
                 for event in events:
