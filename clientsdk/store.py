@@ -60,6 +60,8 @@ ROW_VERSION = 1
 KEY_LEN = 32
 NONCE_LEN = 24
 _KEY_CHECK = b"securechat client store key check v1"
+_STABLE_KINDS = frozenset({"session", "conversation"})
+_STABLE_RIDS = 4096
 _VALUE_LIMITS = codec.Limits(max_bytes=64 << 20, max_items=1_000_000, max_container=200_000)
 
 metadata = sa.MetaData()
@@ -158,7 +160,8 @@ class Store:
         self._kv_staged: dict[str, bytes] = {}
         self._sealer = RowSealer(key)
         self._raw: PoolProxiedConnection | None = None      # see ``_writer``
-        self._unsynced_staged = False       # the open transaction commits without fsync (``stage``)
+        self._synchronous_full = True       # the connection's mode: set by ``stage`` when it must change
+        self._stable_rids: dict[tuple[str, str], bytes] = {}     # ``row_id`` of sessions and conversations
 
     def __repr__(self) -> str:
         return "Store(<open>)"
@@ -262,7 +265,21 @@ class Store:
             raise StoreCorrupted(f"a {table} row failed authentication") from None
 
     def row_id(self, kind: str, name: str) -> bytes:
-        """Keyed hash naming a row without revealing the address or id it is about."""
+        """Keyed hash naming a row without revealing the address or id it is about.
+
+        Those of sessions and conversations recur with every message: they are kept
+        (up to ``_STABLE_RIDS``, then forgotten all at once).
+        """
+        if kind in _STABLE_KINDS:
+            rid = self._stable_rids.get((kind, name))
+            if rid is None:
+                if len(self._stable_rids) >= _STABLE_RIDS:
+                    self._stable_rids.clear()
+                rid = self._stable_rids[(kind, name)] = self._row_id(kind, name)
+            return rid
+        return self._row_id(kind, name)
+
+    def _row_id(self, kind: str, name: str) -> bytes:
         mac = self._index_mac.copy()
         mac.update(kind.encode() + b"\x00" + name.encode())
         return mac.digest()
@@ -415,11 +432,13 @@ class Store:
         (SQLAlchemy's per-statement overhead was ~40 µs).  A kv value equal to the one
         last committed is not written again.  On an error the transaction is rolled back.
 
-        ``durable=False`` commits this one transaction without the fsync
+        ``durable=False`` commits this transaction without the fsync
         (``synchronous=NORMAL``: in WAL mode it survives a crash of the process, not a
         power cut, and the next fsynced commit makes it durable too, in order).  Only for
-        writes whose loss on a power cut is safe: a sender's ratchet steps inside its send
-        lease (``clientsdk.crypto.session``) and its own copy of what it sent.
+        writes whose loss on a power cut is safe: a sender's own copy of what it sent
+        inside its send lease (``clientsdk.crypto.session``).  The connection keeps the
+        mode of the last staged transaction (one PRAGMA when it changes, not two per
+        commit); the only other write, ``prune_processed``, needs no fsync.
         """
         kv = {name: value for name, value in batch.kv.items() if self._kv_committed.get(name) != value}
         if not (kv or batch.deleted_sessions or batch.sessions or batch.contacts or batch.processed
@@ -427,9 +446,9 @@ class Store:
             return False
         try:
             db = self._writer()
-            if not durable:                 # before the first statement opens the transaction
-                db.execute("PRAGMA synchronous=NORMAL")
-                self._unsynced_staged = True
+            if durable is not self._synchronous_full:    # before the first statement opens the transaction
+                db.execute("PRAGMA synchronous=FULL" if durable else "PRAGMA synchronous=NORMAL")
+                self._synchronous_full = durable
             try:
                 if kv:
                     insert_rows(db, "INSERT OR REPLACE INTO kv (name, value)",
@@ -453,7 +472,6 @@ class Store:
                     self._insert_messages(db, batch.messages)
             except BaseException:
                 db.rollback()
-                self._end_unsynced(db)
                 raise
         except (SQLAlchemyError, sqlite3.Error) as exc:
             raise db_error(exc) from None
@@ -464,9 +482,7 @@ class Store:
         """Roll back what ``stage`` wrote when ``commit_staged`` never ran (e.g. no thread to run it in)."""
         self._kv_staged = {}
         try:
-            db = self._writer()
-            db.rollback()
-            self._end_unsynced(db)
+            self._writer().rollback()
         except (SQLAlchemyError, sqlite3.Error) as exc:
             raise db_error(exc) from None
 
@@ -479,19 +495,11 @@ class Store:
             except BaseException:
                 db.rollback()
                 raise
-            finally:
-                self._end_unsynced(db)
         except (SQLAlchemyError, sqlite3.Error) as exc:
             raise db_error(exc) from None
         finally:
             kv, self._kv_staged = self._kv_staged, {}
         self._kv_committed.update(kv)
-
-    def _end_unsynced(self, db: sqlite3.Connection) -> None:
-        """Back to ``synchronous=FULL`` after an unsynced transaction: every other write is fsynced."""
-        if self._unsynced_staged:
-            self._unsynced_staged = False
-            db.execute("PRAGMA synchronous=FULL")
 
     def _writer(self) -> sqlite3.Connection:
         """The engine's one sqlite3 connection (``StaticPool``), checked out once for ``apply``.

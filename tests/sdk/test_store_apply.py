@@ -104,3 +104,22 @@ def test_large_batches_are_split_into_statements(tmp_path):
     assert [h.text for h in store.history(BOB, limit=2_000)] == [e.text for e in entries]
     assert store.processed(sorted(keys) + ["other"]) == keys
     store.close()
+
+
+def test_each_transaction_is_fsynced_unless_staged_unsynced(tmp_path):
+    """``stage(durable=False)`` commits without fsync; the next durable one is fsynced again."""
+    store = Store.create(tmp_path / "s.db", store_key=KEY)
+    db = store._writer()
+
+    def mode_after(durable: bool, text: str) -> int:
+        entry = HistoryEntry(BOB, BOB_DEVICE, text, text, 1, 1, True)
+        assert store.stage(Batch(messages=[entry]), 1, durable)
+        store.commit_staged()
+        return db.execute("PRAGMA synchronous").fetchone()[0]
+
+    assert [mode_after(d, f"m{i}") for i, d in enumerate([True, False, False, True, False])] == [2, 1, 1, 2, 1]
+    assert not store.stage(Batch(), 1, True)            # nothing to write: no transaction, no change
+    store.apply(Batch(processed={"k"}))                  # apply is always durable
+    assert db.execute("PRAGMA synchronous").fetchone()[0] == 2
+    assert [h.text for h in store.history(BOB, 10)] == ["m0", "m1", "m2", "m3", "m4"]
+    store.close()
