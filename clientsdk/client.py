@@ -524,15 +524,17 @@ class Client(ConnectionMixin, InboxMixin, BackgroundMixin, BackupMixin, VerifyMi
                     batch.messages.append(history)
                     history = None
                 # Queued under the lock, so store order is ratchet order; committed outside it,
-                # so concurrent sends share one commit (group commit).  Fsynced only when a send
-                # lease grew: inside one, a power cut can lose this write but no key is reused.
-                # Received messages store the whole session (fsynced) anyway.
+                # so concurrent sends share one commit (group commit).  A renewed send lease is
+                # fsynced before the ciphertext leaves; inside a lease nothing of the ratchet
+                # needs storing (a restart skips the lease), and the history copy is written
+                # (unsynced) while the server answers, with the sends queued meanwhile.
                 commit = self._commits.add(batch, self._clock(), durable)
             # The send order lock is FIFO and taken before this task yields, so ciphertexts leave
             # in the order they were encrypted (a receiver need not skip and store keys).
             with trio.CancelScope(shield=True):
                 async with self._send_order:
-                    await self._commits.wait_shielded(commit)   # ratchet steps are stored before ciphertext leaves
+                    if durable:
+                        await self._commits.wait_shielded(commit)
             try:
                 await self._send_op(message_id, payloads, ephemeral)
                 return
@@ -551,6 +553,9 @@ class Client(ConnectionMixin, InboxMixin, BackgroundMixin, BackupMixin, VerifyMi
                 stale_rounds += 1
                 for user in (exc.details or {}):
                     self._book.mark_stale(str(user))
+            finally:
+                if not durable:                     # send returns once its history copy is written
+                    await self._commits.wait(commit)
         raise SendFailed("recipients' devices kept changing; gave up", code="stale_devices")
 
     async def _send_op(self, message_id: str, payloads: list[dict[str, Any]], ephemeral: bool = False) -> None:
