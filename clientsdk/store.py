@@ -12,7 +12,7 @@ same sessions (LESSONS #11), and a stolen store file must reveal nothing.
   swapped between tables, keys or stores.  Row keys that would reveal metadata
   (contact names, device addresses, message ids) are keyed hashes.
 * The engine is synchronous.  Writes come once per batch, never per message, and the
-  batches queued meanwhile merge into one (``Batch.merge``, ``clientsdk.client.GroupCommit``):
+  batches queued meanwhile merge into one (``Batch.merge``, ``clientsdk.group_commit.GroupCommit``):
   the client stages the rows on its trio thread and calls only the commit (the fsync)
   through ``trio.to_thread``.  A worker thread shares the GIL with the trio thread,
   and every C call that releases the GIL (``os.urandom``, libsodium through cffi,

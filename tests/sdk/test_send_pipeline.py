@@ -19,7 +19,8 @@ import pytest
 import trio
 import trio.testing
 
-from clientsdk.client import GroupCommit, _new_message_id
+from clientsdk.client import _new_message_id
+from clientsdk.group_commit import GroupCommit
 from clientsdk.connection import memory_connector
 from clientsdk.crypto.ratchet import RatchetMessage
 from clientsdk.crypto.session import SEND_LEASE, Session, parse_message
