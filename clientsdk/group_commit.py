@@ -70,6 +70,10 @@ class GroupCommit:
 
     async def wait(self, commit: _Commit) -> None:
         """Until ``commit`` is written (fsynced if durable); raises its ``StoreError`` (its batches share it)."""
+        if commit.done.is_set():           # another waiter's commit wrote it: no cancel scope needed
+            if commit.error is not None:
+                raise commit.error
+            return
         with trio.CancelScope(shield=True):
             await self.wait_shielded(commit)
 
