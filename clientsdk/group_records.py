@@ -248,10 +248,14 @@ class GroupBundle:
 def is_group_message(ciphertext: bytes) -> bool:
     """Does an envelope carry a sender-key group message (rather than a pairwise session message)?"""
     try:
-        obj = codec.decode(ciphertext)
+        return is_group_wire(codec.decode(ciphertext))
     except CodecError:
         return False
-    return isinstance(obj, dict) and "key_id" in obj and "type" not in obj
+
+
+def is_group_wire(decoded: object) -> bool:
+    """``is_group_message`` of an envelope's ciphertext already decoded."""
+    return isinstance(decoded, dict) and "key_id" in decoded and "type" not in decoded
 
 
 def encode_body(message_id: str, text: str, sent_ms: int) -> bytes:

@@ -18,21 +18,31 @@ from clientsdk.client_parts import ClientParts
 from clientsdk.content import SENDER_KEY_REQUEST, SESSION_RESET, Content, content_event
 from clientsdk.crypto.errors import CryptoError
 from clientsdk.crypto.identity import PrekeyStore
-from clientsdk.crypto.session import PrekeyMessage, parse_message
+from clientsdk.crypto.session import PrekeyMessage, message_from_wire, parse_message
 from clientsdk.errors import TRANSIENT_CODES, ContactKeyChanged, KeysUnavailable, SdkError, SendFailed
 from clientsdk.events import Event, MessageReceived, SecurityEvent
-from clientsdk.groups import GROUP_CONTENT, is_group_message
+from clientsdk.group_records import is_group_wire
+from clientsdk.groups import GROUP_CONTENT
 from clientsdk.history import HISTORY_CONTENT
 from clientsdk.resets import KV_NAME as RESETS_KV
 from clientsdk.resets import ResetDecision
 from clientsdk.sessions import NoSession
 from clientsdk.store import Batch, HistoryEntry
+from federation import codec
 from federation.addresses import DeviceAddress
-from federation.errors import ProtocolError
+from federation.errors import CodecError, ProtocolError
 from federation.rpc import RemoteError, RpcClient
 from federation.transport import TransportClosed
 
 log = logging.getLogger(__name__)
+
+def _decoded(ciphertext: bytes) -> object:
+    """An envelope's ciphertext decoded, or None if it is not canonical msgpack."""
+    try:
+        return codec.decode(ciphertext)
+    except CodecError:
+        return None
+
 
 def _interrupted(exc: BaseException) -> bool:
     """An error that says "not now" (the envelope comes again and can succeed), not "never"."""
@@ -158,11 +168,12 @@ class InboxMixin(ClientParts):
             if not isinstance(sender, str) or not isinstance(ciphertext, bytes):
                 raise ProtocolError("malformed envelope")
             sender_address = DeviceAddress.parse(sender)
-            if is_group_message(ciphertext):
+            wire = _decoded(ciphertext)             # once: the kind test and the parse share it
+            if is_group_wire(wire):
                 return await self._receive_group_message(sender_address, ciphertext, batch)
             undo = _UndoPoint(sender, self._sessions.state_bytes(sender) if self._sessions.has(sender) else None)
             try:
-                plaintext = await self._decrypt(rpc, sender_address, ciphertext, undo)
+                plaintext = await self._decrypt(rpc, sender_address, ciphertext, wire, undo)
             except ContactKeyChanged:
                 return await self._hold_for_key_change(sender_address, fields, batch)     # clientsdk.verify
             except CryptoError as exc:
@@ -261,8 +272,10 @@ class InboxMixin(ClientParts):
                                            user == self.user, kind="notice"))
         return SecurityEvent("session_reset", user, device, detail)
 
-    async def _decrypt(self, rpc: RpcClient, sender: DeviceAddress, ciphertext: bytes, undo: _UndoPoint) -> bytes:
-        message = parse_message(ciphertext)
+    async def _decrypt(self, rpc: RpcClient, sender: DeviceAddress, ciphertext: bytes, wire: object,
+                       undo: _UndoPoint) -> bytes:
+        """``wire`` is ``ciphertext`` decoded, or None if it did not decode (``parse_message`` says why)."""
+        message = parse_message(ciphertext) if wire is None else message_from_wire(wire)
         plaintext = self._sessions.decrypt_existing(str(sender), message, self._clock())
         if plaintext is None and isinstance(message, PrekeyMessage):
             identity_key = await self._sender_identity_key(rpc, sender)

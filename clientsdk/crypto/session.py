@@ -72,7 +72,16 @@ class NormalMessage:
 def parse_message(data: bytes) -> PrekeyMessage | NormalMessage:
     """Parse a session message; ``MalformedMessage`` or ``UnsupportedVersion`` on bad input."""
     try:
-        obj = require_map(codec.decode(data), "session message")
+        decoded = codec.decode(data)
+    except ProtocolError as exc:
+        raise MalformedMessage(f"malformed session message: {exc.message}") from None
+    return message_from_wire(decoded)
+
+
+def message_from_wire(decoded: object) -> PrekeyMessage | NormalMessage:
+    """``parse_message`` of bytes already decoded (the inbox decodes an envelope's once)."""
+    try:
+        obj = require_map(decoded, "session message")
         if field(obj, "v", int) != WIRE_VERSION:
             raise UnsupportedVersion("unknown session message version")
         kind = field(obj, "type", str)
