@@ -37,7 +37,8 @@ class GroupCommit:
     """Group commit for the client store: one thread hop and one fsync for many batches.
 
     ``add`` queues a batch (synchronously, so callers fix the order under their lock);
-    ``wait`` returns once it is durable.  While one commit runs, later batches merge
+    ``wait`` returns once it is written (fsynced unless every batch of it was added
+    with ``durable=False``).  While one commit runs, later batches merge
     into the next one (``Batch.merge``: the result is the same as applying them one by
     one); whichever waiter finds no commit running starts it, after ``GATHER_ROUNDS``
     scheduling rounds in which tasks already woken (say, sends whose previous ack just
