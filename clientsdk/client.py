@@ -403,8 +403,8 @@ class Client(ConnectionMixin, InboxMixin, BackgroundMixin, BackupMixin, VerifyMi
         """Encrypt ``template`` for every current device of ``recipients`` and my other devices; one send op.
 
         On ``stale_devices`` the lists are re-fetched and the whole round repeats under
-        the same message id (``template.id``); the ratchet steps of each round are
-        stored before its ciphertext leaves.
+        the same message id (``template.id``); the send lease covering each round's
+        ratchet steps is fsynced before its ciphertext leaves (``clientsdk.crypto.session``).
         """
         message_id = template.id
         if not ephemeral:
