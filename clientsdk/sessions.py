@@ -68,13 +68,12 @@ class SessionBook:
         durable = sessions[0].renew_send_lease()
         return sessions[0].encrypt(plaintext), durable
 
-    def recover_send_leases(self) -> list[str]:
-        """After loading from the store: skip every reserved sending index; the devices whose state moved.
+    def recover_send_leases(self) -> None:
+        """After loading from the store: skip every reserved sending index.
 
         A session that cannot skip (a reservation beyond ``MAX_SKIP``: only a damaged
         state) is dropped rather than risk a reused key; the next send starts a new one.
         """
-        changed = []
         for address, sessions in list(self._sessions.items()):
             try:
                 moved = [session.recover_send_lease() for session in sessions]
@@ -83,18 +82,13 @@ class SessionBook:
                 moved = [True]
             if any(moved):
                 self._encoded.pop(address, None)
-                changed.append(address)
-        return changed
 
     def release_send_leases(self) -> list[str]:
         """Before a clean close (``Session.release_send_lease``); the devices whose state changed."""
         changed = []
         for address, sessions in self._sessions.items():
-            before = self.state_bytes(address)
-            for session in sessions:
-                session.release_send_lease()
-            self._encoded.pop(address, None)
-            if self.state_bytes(address) != before:
+            if any([session.release_send_lease() for session in sessions]):      # every one, not the first
+                self._encoded.pop(address, None)
                 changed.append(address)
         return changed
 

@@ -446,7 +446,7 @@ class Store:
             return False
         try:
             db = self._writer()
-            if durable is not self._synchronous_full:    # before the first statement opens the transaction
+            if durable != self._synchronous_full:    # before the first statement opens the transaction
                 db.execute("PRAGMA synchronous=FULL" if durable else "PRAGMA synchronous=NORMAL")
                 self._synchronous_full = durable
             try:

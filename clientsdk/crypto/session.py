@@ -188,9 +188,14 @@ class Session:
         self._ratchet.skip_sending_to(self._send_lease)
         return self._ratchet.counters[0] != before
 
-    def release_send_lease(self) -> None:
-        """Before a clean close: nothing unsynced will be lost, so a restart need skip nothing."""
-        self._send_lease = min(self._send_lease, self._ratchet.counters[0])
+    def release_send_lease(self) -> bool:
+        """Before a clean close: nothing unsynced will be lost, so a restart need skip nothing.
+
+        True if the reservation changed (the state must be stored again).
+        """
+        released = min(self._send_lease, self._ratchet.counters[0])
+        changed, self._send_lease = released != self._send_lease, released
+        return changed
 
     def belongs_here(self, message: PrekeyMessage) -> bool:
         """True if a prekey message continues this (responder) session rather than starting a new one."""
