@@ -1,7 +1,9 @@
 """End-to-end benchmark (issue 4, item 11): encrypted messages between SDK clients vs the opaque relay.
 
 Each homeserver (``python -m homeserver run`` on SQLite, WAL, synchronous=FULL) is a
-subprocess of this script, started fresh per part:
+subprocess of this script; both stay up for the whole run, and phase 1 runs
+``--rounds`` times on each, alternating relay and e2e, each side reporting its median
+round (the machine's speed drifts within a minute; alternation shows both the same):
 
 * ``relay`` -- ``bench/relay.py``'s lean load (hand-packed opaque ciphertexts), run by
   this script with the same K, window and message count: the baseline ``relay_msgs_per_s``;
@@ -45,9 +47,9 @@ from bench._load import BenchError, PhaseStats, check_frames_canonical
 from bench.relay import (
     ServerProcess,
     _ratio,
+    measure_on,
     open_loop_fields,
     phase_cpu_fields,
-    run_server,
     write_config,
 )
 
@@ -163,22 +165,27 @@ def _log(message: str) -> None:
     print(f"[bench] e2e: {message}", file=sys.stderr, flush=True)
 
 
-def measure_e2e(server: ServerProcess, args: argparse.Namespace, workers: LoadWorkers) -> dict[str, Any]:
-    """The three phases over the load processes (clients connected and warmed up)."""
+def closed_round(server: ServerProcess, args: argparse.Namespace, workers: LoadWorkers) -> dict[str, Any]:
+    """One e2e closed loop (phase 1) over the load processes: M messages."""
     before = server.cpu_seconds()
     closed = workers.command({i: {"cmd": "closed", "messages": n}
                               for i, n in enumerate(_split(args.messages, workers.pairs))})
-    result: dict[str, Any] = {"closed_loop": phase_fields(closed, args.messages, server, before)}
-    _log(f"closed loop {json.dumps(result['closed_loop'])}")
+    fields = phase_fields(closed, args.messages, server, before)
+    _log(f"closed loop {json.dumps(fields)}")
+    return fields
 
-    rate = 0.5 * result["closed_loop"]["msgs_per_s"]
+
+def measure_e2e(server: ServerProcess, args: argparse.Namespace, workers: LoadWorkers,
+                closed_rate: float) -> dict[str, Any]:
+    """Phases 2 and 3 (the open loop at half of ``closed_rate``, then the group)."""
+    rate = 0.5 * closed_rate
     before = server.cpu_seconds()
     answers = workers.command({i: {"cmd": "open", "rate": share, "seconds": args.open_loop_seconds}
                                for i, share in enumerate(workers.shares(rate))})
     issued = sum(a["issued"] for a in answers)
     stats = PhaseStats(expected=issued, issued=issued, latencies=[x for a in answers for x in a["latencies"]])
-    result["open_loop"] = {**phase_fields(answers, issued, server, before),
-                           **open_loop_fields(rate, stats, args.open_loop_seconds)}
+    result: dict[str, Any] = {"open_loop": {**phase_fields(answers, issued, server, before),
+                                            **open_loop_fields(rate, stats, args.open_loop_seconds)}}
     _log(f"open loop {json.dumps(result['open_loop'])}")
 
     (group,) = workers.command({0: {"cmd": "group", "sends": args.group_sends}})
@@ -202,28 +209,54 @@ def _split(total: int, weights: list[int]) -> list[int]:
     return shares
 
 
-def run_e2e(workdir: Path, profile_dir: Path | None, args: argparse.Namespace) -> dict[str, Any]:
-    print("[bench] e2e: starting", file=sys.stderr, flush=True)
-    config = write_config(workdir / "e2e-server")
-    server = ServerProcess("e2e", ["-m", "homeserver", "run", "--config", str(config)], workdir, profile_dir)
-    with server:
+def median_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round with the median ``msgs_per_s`` (the lower middle one of an even count)."""
+    ordered = sorted(rounds, key=lambda r: r["msgs_per_s"])
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def run_both(workdir: Path, profile_dir: Path | None, args: argparse.Namespace,
+             relay_args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """Both servers up at once; ``--rounds`` closed loops alternating relay, e2e; then e2e phases 2 and 3.
+
+    The machine's speed drifts by 10% and more within a minute (other tenants, clock
+    changes), so one relay loop followed by one e2e loop put the drift into the ratio;
+    alternating rounds, each side's median, see the same machine.  The idle side costs
+    nothing meanwhile (its server and clients wait on sockets).
+    """
+    _log("starting")
+    relay_server = ServerProcess("relay", ["-m", "homeserver", "run", "--config",
+                                           str(write_config(workdir / "relay-server"))], workdir, profile_dir)
+    e2e_server = ServerProcess("e2e", ["-m", "homeserver", "run", "--config",
+                                       str(write_config(workdir / "e2e-server"))], workdir, profile_dir)
+    with relay_server, e2e_server:
         started = time.monotonic()
         try:
-            workers = LoadWorkers(server, args, workdir, profile_dir)
+            workers = LoadWorkers(e2e_server, args, workdir, profile_dir)
             try:
                 _log(f"{workers.clients} clients in {len(workers.procs)} load processes connected, "
                      f"sessions ready in {time.monotonic() - started:.1f} s")
-                result = measure_e2e(server, args, workers)
+                relay_rounds: list[dict[str, Any]] = []
+                e2e_rounds: list[dict[str, Any]] = []
+                for _ in range(args.rounds):
+                    relay_rounds.append(measure_on(relay_server, relay_args)["closed_loop"])
+                    _log(f"relay closed loop {json.dumps(relay_rounds[-1])}")
+                    e2e_rounds.append(closed_round(e2e_server, args, workers))
+                result = measure_e2e(e2e_server, args, workers, median_round(e2e_rounds)["msgs_per_s"])
             finally:
                 workers.stop()
         except BenchError as exc:
-            raise BenchError(f"e2e: {exc}\ne2e server log tail:\n{server.log_tail()}") from None
-        result["server_rss_mb"] = server.rss_mb()
-    server.write_profile_summary()
+            raise BenchError(f"e2e: {exc}\ne2e server log tail:\n{e2e_server.log_tail()}") from None
+        result["server_rss_mb"] = e2e_server.rss_mb()
+        relay_rss = relay_server.rss_mb()
+    for server in (relay_server, e2e_server):
+        server.write_profile_summary()
     if profile_dir is not None:
         for prof in sorted(profile_dir.glob("e2e_load_*.prof")):
             _summary_text(prof)
-    return result
+    for fields in relay_rounds:
+        fields["server_rss_mb"] = relay_rss
+    return relay_rounds, e2e_rounds, result
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -237,6 +270,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--payload", type=int, default=300, help="relay baseline ciphertext bytes (default 300)")
     parser.add_argument("--group-devices", type=int, default=100, help="member devices of the group (default 100)")
     parser.add_argument("--group-sends", type=int, default=5, help="timed group sends (default 5)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="closed loops of each part, alternating relay and e2e; medians (default 3)")
     parser.add_argument("--seed", type=int, default=1, help="seed of padding and Poisson arrivals")
     parser.add_argument("--load-processes", type=int, default=os.cpu_count() or 1,
                         help="processes the e2e clients are spread over (default: one per core)")
@@ -244,9 +279,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.pairs < 1 or args.messages < args.pairs or args.window < 1 or args.payload < 8 \
             or args.open_loop_seconds <= 0 or args.group_devices < 1 or args.group_sends < 1 \
-            or args.text_bytes < 0 or args.load_processes < 1:
+            or args.text_bytes < 0 or args.load_processes < 1 or args.rounds < 1:
         parser.error("need pairs >= 1, messages >= pairs, window >= 1, payload >= 8, open-loop-seconds > 0, "
-                     "group-devices >= 1, group-sends >= 1, text-bytes >= 0, load-processes >= 1")
+                     "group-devices >= 1, group-sends >= 1, text-bytes >= 0, load-processes >= 1, rounds >= 1")
     return args
 
 
@@ -262,16 +297,14 @@ def main(argv: list[str] | None = None) -> int:
                                     payload=args.payload, seed=args.seed, open_loop_seconds=args.open_loop_seconds)
     try:
         with tempfile.TemporaryDirectory(prefix="securechat-bench-e2e-", dir=args.data_dir) as tmp:
-            workdir = Path(tmp)
-            relay_config = write_config(workdir / "relay-server")
-            relay = run_server("relay", ["-m", "homeserver", "run", "--config", str(relay_config)],
-                               workdir, profile_dir, relay_args)
-            e2e = run_e2e(workdir, profile_dir, args)
+            relay_rounds, e2e_rounds, e2e = run_both(Path(tmp), profile_dir, args, relay_args)
     except BenchError as exc:
         print(f"bench failed: {exc}", file=sys.stderr)
         return 1
-    e2e_rate = e2e["closed_loop"]["msgs_per_s"]
-    relay_rate = relay["closed_loop"]["msgs_per_s"]
+    relay = median_round(relay_rounds)
+    closed = median_round(e2e_rounds)
+    e2e_rate = closed["msgs_per_s"]
+    relay_rate = relay["msgs_per_s"]
     ratio = _ratio(e2e_rate, relay_rate)
     result = {
         "e2e_msgs_per_s": e2e_rate,
@@ -287,13 +320,15 @@ def main(argv: list[str] | None = None) -> int:
             "text_bytes": args.text_bytes, "relay_payload_bytes": args.payload,
             "open_loop_seconds": args.open_loop_seconds, "open_loop_rate": e2e["open_loop"]["offered_msgs_per_s"],
             "group_devices": args.group_devices, "group_sends": args.group_sends, "seed": args.seed,
-            "load_processes": e2e["load_processes"],
+            "load_processes": e2e["load_processes"], "rounds": args.rounds,
         },
+        "rounds": [{"relay_msgs_per_s": r["msgs_per_s"], "e2e_msgs_per_s": e["msgs_per_s"],
+                    "ratio": _ratio(e["msgs_per_s"], r["msgs_per_s"])} for r, e in zip(relay_rounds, e2e_rounds)],
         "e2e": {
-            "closed_loop": e2e["closed_loop"], "open_loop": e2e["open_loop"], "group": e2e["group"],
+            "closed_loop": closed, "open_loop": e2e["open_loop"], "group": e2e["group"],
             "clients": e2e["clients"], "server_rss_mb": e2e["server_rss_mb"],
         },
-        "relay": {**relay["closed_loop"], "server_rss_mb": relay["server_rss_mb"]},
+        "relay": relay,
         "machine": machine.fields(profile_dir=str(profile_dir) if profile_dir else None),
     }
     print(json.dumps(result, indent=2))

@@ -236,18 +236,25 @@ async def measure(server: ServerProcess, args: argparse.Namespace, *, echo: bool
     return result
 
 
+def measure_on(server: ServerProcess, args: argparse.Namespace, *, echo: bool = False,
+               open_loop: bool = False) -> dict[str, Any]:
+    """``measure`` on a running server, with fresh pairs; a ``BenchError`` gains the server's log tail."""
+    try:
+        return trio.run(lambda: measure(server, args, echo=echo, open_loop=open_loop))
+    except BaseException as exc:
+        bench_errors = _bench_errors(exc)
+        if bench_errors:
+            name = server.name
+            raise BenchError(f"{name}: {bench_errors[0]}\n{name} server log tail:\n{server.log_tail()}") from None
+        raise
+
+
 def run_server(name: str, argv: list[str], workdir: Path, profile_dir: Path | None,
                args: argparse.Namespace, *, echo: bool = False, open_loop: bool = False) -> dict[str, Any]:
     print(f"[bench] {name}: starting", file=sys.stderr, flush=True)
     server = ServerProcess(name, argv, workdir, profile_dir)
     with server:
-        try:
-            result = trio.run(lambda: measure(server, args, echo=echo, open_loop=open_loop))
-        except BaseException as exc:
-            bench_errors = _bench_errors(exc)
-            if bench_errors:
-                raise BenchError(f"{name}: {bench_errors[0]}\n{name} server log tail:\n{server.log_tail()}") from None
-            raise
+        result = measure_on(server, args, echo=echo, open_loop=open_loop)
         result["server_rss_mb"] = server.rss_mb()
     server.write_profile_summary()
     print(f"[bench] {name}: {json.dumps(result)}", file=sys.stderr, flush=True)

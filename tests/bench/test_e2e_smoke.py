@@ -49,7 +49,19 @@ def test_every_message_and_group_device_counted(result):
     group = result["e2e"]["group"]
     assert group["member_devices"] == 3 and len(group["sends_ms"]) == 2
     assert result["group100_fanout_ms"] == pytest.approx(statistics.median(group["sends_ms"]), abs=0.01)
-    assert params["load_processes"] == 2
+    assert params["load_processes"] == 2 and params["rounds"] == 3
     # one pair per load process; the first also hosts the group: its pair + 1 more member + the admin
     assert result["e2e"]["clients"] == 2 + 2 + 1 + 1
     assert len(result["machine"]["loadavg_start"]) == 3
+
+
+@pytest.mark.slow
+def test_rates_are_the_medians_of_alternating_rounds(result):
+    rounds = result["rounds"]
+    assert len(rounds) == 3
+    assert result["relay_msgs_per_s"] == statistics.median(r["relay_msgs_per_s"] for r in rounds)
+    assert result["e2e_msgs_per_s"] == statistics.median(r["e2e_msgs_per_s"] for r in rounds)
+    assert result["e2e"]["closed_loop"]["msgs_per_s"] == result["e2e_msgs_per_s"]
+    assert result["relay"]["msgs_per_s"] == result["relay_msgs_per_s"]
+    for r in rounds:
+        assert r["ratio"] == pytest.approx(r["e2e_msgs_per_s"] / r["relay_msgs_per_s"], abs=1e-3)
