@@ -64,10 +64,12 @@ class LoadWorkers:
     work, would bound the run while the other core idles.  Real clients each run in
     their own process; on this machine ``--load-processes`` (default: one per core)
     is as close as the cores allow.  Worker 0 also hosts the group (admin + members).
+    The workers run ``repo``'s worker script, so they import ``repo``'s SDK
+    (``bench/e2e_ab.py`` compares two checkouts that way).
     """
 
     def __init__(self, server: ServerProcess, args: argparse.Namespace, workdir: Path,
-                 profile_dir: Path | None) -> None:
+                 profile_dir: Path | None, repo: Path = REPO) -> None:
         count = max(1, min(args.load_processes, args.pairs))
         self.pairs = [args.pairs // count + (1 if i < args.pairs % count else 0) for i in range(count)]
         self.procs: list[subprocess.Popen[str]] = []
@@ -83,8 +85,8 @@ class LoadWorkers:
                           "group_devices": args.group_devices if i == 0 else 0}
                 with open(self.logs[i], "wb") as err:
                     self.procs.append(subprocess.Popen(
-                        [sys.executable, str(REPO / "bench" / "_e2e_worker.py"), json.dumps(config)],
-                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO, env=env))
+                        [sys.executable, str(repo / "bench" / "_e2e_worker.py"), json.dumps(config)],
+                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True, cwd=repo, env=env))
             self.clients = sum(self._read(i)["clients"] for i in range(count))
         except BaseException:
             self.stop()                      # the ones already started
