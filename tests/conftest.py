@@ -7,13 +7,19 @@ blocked: the clock then fired client timeouts (RPC, keepalive, backlog wait) in 
 middle of a 1 ms database call.  How often depended on how busy the machine was, so a
 loaded CI machine saw failures, and a ``while not received: await sleep()`` loop whose
 message a spurious timeout had dropped spun for ever in mock time.
+
+Every async test also gets a real-time deadline (``TEST_DEADLINE_S``) enforced inside
+trio: see ``pytest_collection_modifyitems``.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -65,3 +71,74 @@ def autojump_clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[trio.testing.Moc
     monkeypatch.setattr(trio.to_thread, "run_sync", threads.counted(trio.to_thread.run_sync))
     monkeypatch.setattr(_WriterThread, "run", threads.counted(_WriterThread.run))
     yield clock
+
+
+# A hung async test is cancelled inside trio after this much real time (a thread's timer:
+# mock clocks do not move it), and fails with where its tasks were waiting.  pytest-timeout's
+# 180 s signal, the backstop, raises in the middle of whatever trio was doing: the run is torn
+# down half-way, and the debris (a closed epoll object, coroutines finalised outside trio)
+# made the tests after it fail too.
+TEST_DEADLINE_S = 120.0
+_REPO = str(Path(__file__).resolve().parent.parent)
+
+
+def _project_file(filename: str) -> bool:
+    return filename.startswith(_REPO) and "site-packages" not in filename
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        test = getattr(item, "obj", None)
+        if inspect.iscoroutinefunction(test):
+            item.obj = _with_deadline(test)  # type: ignore[attr-defined]
+
+
+def _with_deadline(test: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    @functools.wraps(test)
+    async def run(*args: Any, **kwargs: Any) -> Any:
+        token = trio.lowlevel.current_trio_token()
+        stacks: list[str] = []
+
+        def expire() -> None:                  # on the trio thread
+            stacks.append(_task_stacks())
+            scope.cancel()
+
+        def fire() -> None:                    # on the timer's thread
+            try:
+                token.run_sync_soon(expire)
+            except trio.RunFinishedError:
+                pass                           # the test ended meanwhile
+
+        timer = threading.Timer(TEST_DEADLINE_S, fire)
+        timer.daemon = True
+        with trio.CancelScope() as scope:
+            timer.start()
+            try:
+                return await test(*args, **kwargs)
+            finally:
+                timer.cancel()
+        pytest.fail(f"still running after {TEST_DEADLINE_S:.0f} s of real time; its tasks waited at:\n"
+                    + "".join(stacks), pytrace=False)
+
+    return run
+
+
+def _task_stacks() -> str:
+    """Every trio task, indented by nursery, with the project frames it is suspended in."""
+    lines: list[str] = []
+
+    def walk(task: trio.lowlevel.Task, depth: int) -> None:
+        frames = []
+        coro: Any = task.coro
+        while coro is not None:
+            frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+            if frame is not None and _project_file(frame.f_code.co_filename):
+                frames.append(f"{Path(frame.f_code.co_filename).relative_to(_REPO)}:{frame.f_lineno}")
+            coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+        lines.append(f"{'  ' * depth}{task.name}: {' > '.join(frames) or '(library code only)'}\n")
+        for nursery in task.child_nurseries:
+            for child in nursery.child_tasks:
+                walk(child, depth + 1)
+
+    walk(trio.lowlevel.current_root_task(), 0)
+    return "".join(lines)
