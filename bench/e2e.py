@@ -248,7 +248,8 @@ def run_both(workdir: Path, profile_dir: Path | None, args: argparse.Namespace,
             finally:
                 workers.stop()
         except BenchError as exc:
-            raise BenchError(f"e2e: {exc}\ne2e server log tail:\n{e2e_server.log_tail()}") from None
+            # A relay round's error names the relay and carries its log (measure_on) already.
+            raise BenchError(f"{exc}\ne2e server log tail:\n{e2e_server.log_tail()}") from None
         result["server_rss_mb"] = e2e_server.rss_mb()
         relay_rss = relay_server.rss_mb()
     for server in (relay_server, e2e_server):
