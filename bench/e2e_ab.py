@@ -5,7 +5,7 @@ This machine's speed drifts by 10% and more within a minute, so two separate
 Here both sides are set up at once and their closed loops alternate (A, B, then B, A,
 ...), so each pair of rounds sees the same machine; the median of the per-round ratios
 B/A is the result.  Run against itself (``--baseline .``) it shows the noise floor:
-over 6 rounds, per-round ratios of 0.95–1.09 and a median of 1.015.
+per-round ratios of 0.86–1.09, medians of 1.015 (6 rounds) and 0.995 (10 rounds).
 
     git worktree add /tmp/base HEAD          # A: the code as committed
     .venv/bin/python bench/e2e_ab.py --baseline /tmp/base --rounds 12    # B: this checkout
