@@ -14,7 +14,8 @@ same sessions (LESSONS #11), and a stolen store file must reveal nothing.
 * The engine is synchronous.  Writes come once per batch, never per message, and the
   batches queued meanwhile merge into one (``Batch.merge``, ``clientsdk.group_commit.GroupCommit``):
   the client stages the rows on its trio thread and calls only the commit (the fsync)
-  through ``trio.to_thread``.  A worker thread shares the GIL with the trio thread,
+  through ``trio.to_thread``; a commit without fsync (``stage(durable=False)``) stays
+  on the trio thread.  A worker thread shares the GIL with the trio thread,
   and every C call that releases the GIL (``os.urandom``, libsodium through cffi,
   ``hmac.digest``, each SQLite step) costs up to a switch interval (5 ms) to get it
   back while the other thread is busy: the write path makes as few such calls as it
