@@ -27,7 +27,7 @@ import trio
 
 from conformance.client import authenticate, register, throwaway_user
 from federation import codec
-from federation.transport import TransportClosed, WebSocketTransport, connect_websocket
+from federation.transport import Transport, TransportClosed, connect_websocket
 
 STAMP = struct.Struct(">d")
 MAX_ACK_BATCH = 1_000
@@ -75,7 +75,7 @@ class PhaseStats:
 class BenchConnection:
     """One client WebSocket: requests matched to responses by id, envelopes to ``on_push``."""
 
-    def __init__(self, transport: WebSocketTransport) -> None:
+    def __init__(self, transport: Transport) -> None:
         self.transport = transport
         self.ids = itertools.count(1)
         self.callbacks: dict[int, Callable[[dict[str, Any]], None]] = {}
@@ -299,7 +299,7 @@ class Receiver:
 
 
 async def _connect(nursery: trio.Nursery, url: str) -> BenchConnection:
-    conn = BenchConnection(await connect_websocket(nursery, url))
+    conn = BenchConnection(await connect_websocket(url))
     nursery.start_soon(conn.run_reader)
     return conn
 

@@ -1,8 +1,8 @@
 """Pluggable connectors and the reconnect policy of the trio client.
 
 A ``Connector`` opens one ``federation.transport.Transport`` to the homeserver;
-its background tasks (a WebSocket reader) live in the nursery it is given, which
-lives as long as that connection.  Tests use ``memory_connector``; real clients
+a transport that needs background tasks runs them in the nursery it is given, which
+lives as long as that connection (the memory and WebSocket transports need none).  Tests use ``memory_connector``; real clients
 ``websocket_connector("wss://host/c2s")``.
 """
 
@@ -36,7 +36,7 @@ def websocket_connector(url: str, *, ssl_context: ssl.SSLContext | None = None) 
     """Connect to ``ws://`` or ``wss://`` ``url`` (the homeserver's ``/c2s`` endpoint)."""
 
     async def connect(nursery: trio.Nursery) -> Transport:
-        return await connect_websocket(nursery, url, ssl_context=ssl_context)
+        return await connect_websocket(url, ssl_context=ssl_context)
 
     return connect
 

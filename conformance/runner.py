@@ -100,14 +100,12 @@ class Runner:
     # -- connections ------------------------------------------------------------------
     @asynccontextmanager
     async def raw(self) -> AsyncIterator[Transport]:
-        async with trio.open_nursery() as nursery:
-            transport = await connect_websocket(nursery, self.url, max_frame=self.max_frame)
-            try:
-                yield transport
-            finally:
-                with trio.CancelScope(shield=True):
-                    await transport.aclose()
-                nursery.cancel_scope.cancel()
+        transport = await connect_websocket(self.url, max_frame=self.max_frame)
+        try:
+            yield transport
+        finally:
+            with trio.CancelScope(shield=True):
+                await transport.aclose()
 
     @asynccontextmanager
     async def connect(self, device: ProtocolDevice | None = None) -> AsyncIterator[RpcClient]:

@@ -266,7 +266,7 @@ class WebSocketLink(_RpcLink):
 
     async def _connect(self) -> Transport:
         url = self._url if isinstance(self._url, str) else await self._url()
-        return await connect_websocket(self._nursery, url, max_frame=MAX_FED_FRAME, ssl_context=self._ssl_context)
+        return await connect_websocket(url, max_frame=MAX_FED_FRAME, ssl_context=self._ssl_context)
 
 
 # --- HTTP links ------------------------------------------------------------------------------

@@ -413,7 +413,7 @@ async def raw_connection(kind: str, h: Harness) -> AsyncIterator[Transport]:
         yield await h.network.connect(memory_listener_name(DOMAIN))
     else:
         assert isinstance(h, WebSocketHarness)
-        transport = await connect_websocket(h.nursery, f"ws://127.0.0.1:{h.port}/fed", max_frame=MAX_FED_FRAME)
+        transport = await connect_websocket(f"ws://127.0.0.1:{h.port}/fed", max_frame=MAX_FED_FRAME)
         try:
             yield transport
         finally:

@@ -55,7 +55,7 @@ async def websocket_pair() -> AsyncIterator[tuple[Transport, Transport]]:
     async with trio.open_nursery() as nursery:
         port = await nursery.start(lambda task_status: serve_websocket_transport(
             {"/c2s": handler}, "127.0.0.1", 0, max_frame=MAX, task_status=task_status))
-        client = await connect_websocket(nursery, f"ws://127.0.0.1:{port}/c2s", max_frame=MAX)
+        client = await connect_websocket(f"ws://127.0.0.1:{port}/c2s", max_frame=MAX)
         await ready.wait()
         yield client, got[0]
         await client.aclose()
@@ -122,4 +122,4 @@ async def test_connect_to_nothing_fails_cleanly():
         await MemoryNetwork().connect("nobody")
     async with trio.open_nursery() as nursery:
         with pytest.raises(TransportClosed):
-            await connect_websocket(nursery, "ws://127.0.0.1:1/c2s")
+            await connect_websocket("ws://127.0.0.1:1/c2s")

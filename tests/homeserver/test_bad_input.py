@@ -28,8 +28,8 @@ async def server(tmp_path, nursery):
     running.stop.set()
 
 
-async def ws(nursery, running):
-    return await connect_websocket(nursery, running.c2s_url, max_frame=4 << 20)
+async def ws(running):
+    return await connect_websocket(running.c2s_url, max_frame=4 << 20)
 
 
 async def test_bad_frames_get_errors_or_clean_close_and_others_are_unaffected(server, nursery, caplog):
@@ -39,16 +39,16 @@ async def test_bad_frames_get_errors_or_clean_close_and_others_are_unaffected(se
 
 async def _body(server, nursery, caplog):
     caplog.set_level(logging.DEBUG)
-    url_transport = await ws(nursery, server)
+    url_transport = await ws(server)
     async with open_rpc(url_transport) as bystander:
         alice = await register(bystander, throwaway_user("localhost"))
-        bob_rpc_transport = await ws(nursery, server)
+        bob_rpc_transport = await ws(server)
         async with open_rpc(bob_rpc_transport) as rpc:
             bob = await register(rpc, throwaway_user("localhost"))
         await authenticate(bystander, alice, "localhost")
 
         async def expect_error(frame: dict, code: ErrorCode) -> None:
-            transport = await ws(nursery, server)
+            transport = await ws(server)
             await transport.send(codec.encode(frame))
             answer = codec.decode(await transport.receive())
             assert answer["id"] == frame["id"] and answer["error"]["code"] == code.value
@@ -63,13 +63,13 @@ async def _body(server, nursery, caplog):
 
         for garbage in (b"\xc1", msgpack.packb({"op": "ping", "id": 1.5}), b"\x82\xa2op\xa4ping\xa2id\x01",
                         b"\x92\x01", msgpack.packb([1, 2, 3]), b"\x81\xa2id\xcc\x05"):
-            async with open_rpc(await ws(nursery, server)) as rpc:
+            async with open_rpc(await ws(server)) as rpc:
                 await rpc.send_raw(garbage)
                 with trio.fail_after(5):
                     await rpc.closed.wait()
                 assert rpc.close_code == CLOSE_PROTOCOL_ERROR
 
-        async with open_rpc(await ws(nursery, server)) as rpc:
+        async with open_rpc(await ws(server)) as rpc:
             with pytest.raises(TransportClosed):
                 await rpc.send_raw(msgpack.packb({"id": 9, "op": "ping", "pad": b"x" * (2 << 20)}))
                 await rpc.request("ping")
@@ -77,7 +77,7 @@ async def _body(server, nursery, caplog):
                 await rpc.closed.wait()
             assert rpc.close_code == CLOSE_TOO_BIG
 
-        async with open_rpc(await ws(nursery, server)) as rpc:
+        async with open_rpc(await ws(server)) as rpc:
             await authenticate(rpc, bob, "localhost")
             with pytest.raises(RemoteError) as exc:
                 await rpc.request("claim", user=throwaway_user("localhost"))

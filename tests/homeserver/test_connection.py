@@ -189,10 +189,9 @@ async def test_websocket_send_many_delivers_each_frame_in_order(nursery) -> None
 
     port = await nursery.start(lambda task_status: serve_websocket_transport(
         {"/c2s": handler}, "127.0.0.1", 0, task_status=task_status))
-    async with trio.open_nursery() as client_nursery:
-        client = await connect_websocket(client_nursery, f"ws://127.0.0.1:{port}/c2s")
-        for _ in range(len(frames) + 1):
-            got.append(await client.receive())
-        done.set()
-        await client.aclose()
+    client = await connect_websocket(f"ws://127.0.0.1:{port}/c2s")
+    for _ in range(len(frames) + 1):
+        got.append(await client.receive())
+    done.set()
+    await client.aclose()
     assert got == [*frames, b"last"]

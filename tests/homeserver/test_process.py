@@ -17,11 +17,9 @@ DOMAIN = "localhost"
 
 @asynccontextmanager
 async def ws_rpc(url):
-    async with trio.open_nursery() as nursery:
-        transport = await connect_websocket(nursery, url)
-        async with open_rpc(transport) as rpc:
-            yield rpc
-        nursery.cancel_scope.cancel()
+    transport = await connect_websocket(url)
+    async with open_rpc(transport) as rpc:
+        yield rpc
 
 
 async def _pair(url):

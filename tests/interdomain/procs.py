@@ -125,17 +125,15 @@ async def running_orgs(root: Path, domains: tuple[str, ...], *, transport: str =
 @asynccontextmanager
 async def ws_rpc(url: str, device: ProtocolDevice | None = None, domain: str = "") -> AsyncIterator[RpcClient]:
     """A raw protocol connection over a real WebSocket, authenticated as ``device`` if given."""
-    async with trio.open_nursery() as nursery:
-        transport = await connect_websocket(nursery, url)
-        try:
-            async with open_rpc(transport) as rpc:
-                if device is not None:
-                    await authenticate(rpc, device, domain)
-                yield rpc
-        finally:
-            with trio.CancelScope(shield=True):
-                await transport.aclose()
-            nursery.cancel_scope.cancel()
+    transport = await connect_websocket(url)
+    try:
+        async with open_rpc(transport) as rpc:
+            if device is not None:
+                await authenticate(rpc, device, domain)
+            yield rpc
+    finally:
+        with trio.CancelScope(shield=True):
+            await transport.aclose()
 
 
 # --- raw protocol devices (opaque payloads) ------------------------------------------------
