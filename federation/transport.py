@@ -51,6 +51,7 @@ CLOSE_TRY_AGAIN = 1013
 CLOSE_ABNORMAL = 1006             # never sent: the code of a connection that ended without a close frame
 
 DEFAULT_MAX_FRAME = 1 << 20
+CLOSE_WAIT_S = 5                  # a WebSocket close waits this long for the peer's close frame
 RECEIVE_CHUNK = 1 << 16           # bytes per read of a WebSocket client: one read often brings several frames
 
 
@@ -290,7 +291,7 @@ class WebSocketTransport(Transport):
         if self._closed_locally:
             return
         self._closed_locally = True
-        with trio.move_on_after(5) as scope:
+        with trio.move_on_after(CLOSE_WAIT_S) as scope:
             scope.shield = True
             await self._ws.aclose(code, reason or None)
             # trio-websocket 0.12 leaves the TCP stream open after it closes a
@@ -448,11 +449,11 @@ class WebSocketClientTransport(Transport):
         return self._ws.state is ConnectionState.LOCAL_CLOSING
 
     async def aclose(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
-        """Send a close frame and wait (up to 5 s) for the server's; idempotent."""
+        """Send a close frame and wait (up to ``CLOSE_WAIT_S``) for the server's; idempotent."""
         if self._closed_locally:
             return
         self._closed_locally = True
-        with trio.move_on_after(5) as scope:
+        with trio.move_on_after(CLOSE_WAIT_S) as scope:
             scope.shield = True
             try:
                 if self._code is None and self._ws.state is ConnectionState.OPEN:
