@@ -107,9 +107,9 @@ class ConnectionMixin(ClientParts):
                                task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect, authenticate, pump; on loss, back off (with jitter) and do it again.
 
-        Transports' own tasks (a WebSocket reader) live in ``transport_nursery``, which
-        outlives each connection, so a close handshake can complete even when this
-        connection's tasks are torn down by an error.
+        A transport's own tasks, if it has any (the memory and WebSocket ones have none),
+        live in ``transport_nursery``, which outlives each connection, so a close
+        handshake can complete even when this connection's tasks are torn down by an error.
         """
         attempt = 0
         started = False
