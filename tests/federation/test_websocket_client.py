@@ -241,3 +241,15 @@ async def test_wss_verifies_the_server_and_carries_frames(tmp_path: Path):
         assert await client.receive() == b"over tls"
         await client.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_a_connection_that_ends_without_a_close_frame_is_1006_after_pending_messages():
+    async with scripted() as (client, server):
+        await server.stream.send_all(server.message(b"before the cut"))
+        await server.stream.aclose()
+        assert await client.receive() == b"before the cut"
+        with pytest.raises(TransportClosed) as exc:
+            await client.receive()
+        assert exc.value.code == CLOSE_ABNORMAL == client.close_code
+        with pytest.raises(TransportClosed):
+            await client.send(b"into the void")
