@@ -403,6 +403,7 @@ class WebSocketClientTransport(Transport):
     async def _handle(self, events: Iterator[Event]) -> None:
         """Queue whole binary messages; answer pings and the close handshake; end on anything else."""
         replies: list[bytes] = []
+        closed_by_peer = False
         for event in events:
             if isinstance(event, BytesMessage):
                 self._part_bytes += len(event.data)
@@ -425,16 +426,16 @@ class WebSocketClientTransport(Transport):
                     return
                 self._code, self._reason = int(event.code), event.reason or None
                 replies.append(self._ws.send(event.response()))
-                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                    await self._write(b"".join(replies))
-                await trio.aclose_forcefully(self._stream)
-                return
+                closed_by_peer = True
+                break
             elif isinstance(event, TextMessage):
                 await self._fail(CLOSE_PROTOCOL_ERROR, "text frame received")
                 return
         if replies:
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await self._write(b"".join(replies))
+        if closed_by_peer:
+            await trio.aclose_forcefully(self._stream)
 
     async def _fail(self, code: int, reason: str) -> None:
         """Close because the server broke the protocol: after the messages already queued,

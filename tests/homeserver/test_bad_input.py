@@ -32,12 +32,12 @@ async def ws(running):
     return await connect_websocket(running.c2s_url, max_frame=4 << 20)
 
 
-async def test_bad_frames_get_errors_or_clean_close_and_others_are_unaffected(server, nursery, caplog):
+async def test_bad_frames_get_errors_or_clean_close_and_others_are_unaffected(server, caplog):
     with trio.fail_after(30):
-        await _body(server, nursery, caplog)
+        await _body(server, caplog)
 
 
-async def _body(server, nursery, caplog):
+async def _body(server, caplog):
     caplog.set_level(logging.DEBUG)
     url_transport = await ws(server)
     async with open_rpc(url_transport) as bystander:
